@@ -1,0 +1,86 @@
+"""Zero-download quickstart: ResNet-20 on scikit-learn's real handwritten digits.
+
+    python run.py --config=configs/default.py --workdir=/tmp/quickstart
+
+Every other config starts from this one and overrides what differs, so this
+file is also the reference for every field.
+"""
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+  """Returns the quickstart config; all fields can be overridden on the command line."""
+  c = config_dict.ConfigDict()
+
+  # --- Model (resnet_jax.models.create_model). None: the family's default. ---
+  c.model = config_dict.ConfigDict()
+  c.model.name = 'resnet20'
+  c.model.shortcut = config_dict.placeholder(str)           # 'A' | 'B' | 'C'
+  c.model.bottleneck_stride = config_dict.placeholder(str)  # '1x1' (paper) | '3x3' (v1.5)
+  c.model.zero_init_last_bn = config_dict.placeholder(bool)
+  c.model.batch_norm = config_dict.placeholder(bool)        # vgg19 only
+  c.model.dtype = 'float32'                                 # compute dtype; params stay float32
+  # BN statistics over groups of this many examples (the paper: 64 per GPU on
+  # CIFAR, 32 on ImageNet); 0: over the whole global batch.
+  c.model.bn_group_size = 0
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
+
+  # --- Data (resnet_jax.input_pipeline). ---
+  c.data = config_dict.ConfigDict()
+  c.data.name = 'digits'                 # any tfds image-classification data set
+  c.data.data_dir = config_dict.placeholder(str)    # tfds data_dir (None: tfds default)
+  c.data.manual_dir = config_dict.placeholder(str)  # where the user's archives are (imagenet2012)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  # Hold out this many training examples and evaluate on them instead of
+  # eval_split (the paper's 45k/5k CIFAR-10 split); 0 keeps the full train split.
+  c.data.validation_size = 0
+  c.data.image_size = 32
+  c.data.train_augment = 'cifar'         # 'cifar' | 'imagenet' | 'inception' | 'none'
+  c.data.eval_crop = 'center'            # 'center' | 'ten_crop'
+  c.data.cache = True
+  c.data.shuffle_buffer = 10_000
+  c.data.prefetch = 2                    # batches prefetched to the devices
+
+  # --- Optimisation. ---
+  c.batch_size = 128                     # global, over all devices and hosts
+  c.eval_batch_size = 500
+  c.num_epochs = 12.0                    # or set num_train_steps (wins when > 0)
+  c.num_train_steps = -1
+  c.optimizer = config_dict.ConfigDict()
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4        # L2 on conv and dense kernels
+  c.optimizer.decay_bn_and_bias = False  # also decay BN scale/bias and dense bias
+  # > 0: scale learning_rate by batch_size / base_batch_size (e.g. 256 on ImageNet).
+  c.optimizer.base_batch_size = 0
+
+  c.schedule = config_dict.ConfigDict()
+  # 'constant' | 'step' | 'plateau' | 'cosine'. 'step' divides by `factor` at
+  # each boundary; 'plateau' divides by `factor` when the eval error has not
+  # improved for `patience` evaluations; 'cosine' decays to 0 after warm-up.
+  c.schedule.name = 'step'
+  c.schedule.unit = 'epochs'             # unit of boundaries/warmup_length: 'steps' | 'epochs'
+  c.schedule.boundaries = (6.0, 9.0)
+  c.schedule.factor = 0.1
+  c.schedule.patience = 3
+  c.schedule.min_improvement = 1e-3      # absolute drop in eval error that counts
+  c.schedule.warmup_length = 0.0         # linear warm-up from 0 (cosine / step)
+  # The paper's ResNet-110 warm-up: use warmup_lr until the training error is
+  # below warmup_until_error, then return to the schedule. 0 disables it.
+  c.schedule.warmup_lr = 0.0
+  c.schedule.warmup_until_error = 0.8
+
+  # --- Parallelism. ---
+  c.parallel = 'jit'                     # 'jit' (mesh, multi-host) | 'pmap'
+
+  # --- Logging, evaluation, checkpoints. ---
+  c.seed = 0
+  c.log_every_steps = 20
+  c.eval_every_steps = 0                 # 0: once per epoch
+  c.checkpoint_every_steps = 0           # 0: once per epoch
+  c.keep_checkpoints = 3
+  c.profile = False                      # capture a profile of a few steps
+  return c
