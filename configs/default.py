@@ -28,7 +28,7 @@ def get_config() -> config_dict.ConfigDict:
 
   # --- Data (resnet_jax.input_pipeline). ---
   c.data = config_dict.ConfigDict()
-  c.data.name = 'digits'                 # any tfds image-classification data set
+  c.data.name = 'sklearn_digits'         # any tfds image-classification data set
   c.data.data_dir = config_dict.placeholder(str)    # tfds data_dir (None: tfds default)
   c.data.manual_dir = config_dict.placeholder(str)  # where the user's archives are (imagenet2012)
   c.data.train_split = 'train'
@@ -36,9 +36,18 @@ def get_config() -> config_dict.ConfigDict:
   # Hold out this many training examples and evaluate on them instead of
   # eval_split (the paper's 45k/5k CIFAR-10 split); 0 keeps the full train split.
   c.data.validation_size = 0
-  c.data.image_size = 32
-  c.data.train_augment = 'cifar'         # 'cifar' | 'imagenet' | 'inception' | 'none'
-  c.data.eval_crop = 'center'            # 'center' | 'ten_crop'
+  c.data.image_size = 32                 # images are resized to this (8x8 digits: upsampled)
+  # 'pad_crop_flip' (CIFAR, paper Sec. 4.2) | 'pad_crop' | 'scale' (ImageNet,
+  # paper Sec. 3.4) | 'inception' (random-resized crop) | 'none'.
+  c.data.train_augment = 'pad_crop'      # no flips: a mirrored digit is not a digit
+  c.data.crop_padding = 4
+  c.data.scale_range = (256, 480)        # shorter side for 'scale'
+  c.data.pca_lighting = 0.0              # AlexNet colour noise std for 'scale' (paper: 0.1)
+  # 'per_pixel_mean' (of the train split, computed once and cached) |
+  # 'imagenet_mean' | 'imagenet_mean_std' (fixed RGB statistics).
+  c.data.normalize = 'per_pixel_mean'
+  c.data.eval_resize = 0                 # shorter side before the eval crop; 0: resize whole image
+  c.data.eval_crop = 'center'            # 'center' | 'ten_crop' (paper Tables 2-3)
   c.data.cache = True
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2                    # batches prefetched to the devices

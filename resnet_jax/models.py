@@ -366,3 +366,10 @@ def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   if num_classes < 1:
     raise ValueError(f'num_classes must be positive, got {num_classes}.')
   return _REGISTRY[name](num_classes=num_classes, **options)
+
+
+def create_model_from_config(model_config: Any, num_classes: int, **extra: Any) -> nn.Module:
+  """`create_model` from a config section: {'name': ..., option: value or None, ...}."""
+  options = dict(model_config)
+  name = options.pop('name')
+  return create_model(name, num_classes, **options, **extra)

@@ -1,0 +1,90 @@
+"""What each `run.py --mode` does; run.py only parses flags."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging as absl_logging
+
+# Libraries whose INFO lines drown the training log (warnings still show).
+_CHATTY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge.py')
+
+
+def quiet_library_logs() -> None:
+  def keep(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _CHATTY)
+  absl_logging.get_absl_handler().addFilter(keep)
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, checkpoint: str,
+        config_given: bool, overrides: dict[str, Any]) -> None:
+  if mode == 'describe':
+    from resnet_jax import models, summary  # pylint: disable=g-import-not-at-top
+    model = models.create_model_from_config(config.model, _describe_classes(config))
+    size = config.data.image_size
+    print(summary.describe(model, (size, size, 3), config.model.name))
+    return
+  if mode == 'prepare':
+    from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    builder = input_pipeline.prepare(config.data)
+    print(f'{builder.name} is ready in {builder.data_dir}: '
+          f'{ {k: v.num_examples for k, v in builder.info.splits.items()} }')
+    return
+  if not workdir:
+    raise SystemExit(f'--mode={mode} needs --workdir=DIR.')
+  if mode == 'train':
+    from resnet_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
+  elif mode == 'eval':
+    from resnet_jax import eval_checkpoint  # pylint: disable=g-import-not-at-top
+    if not config_given:
+      config = load_saved_config(workdir, config, overrides)
+    result = eval_checkpoint.evaluate_checkpoint(config, workdir, checkpoint)
+    print(json.dumps(result, indent=2))
+
+
+def _describe_classes(config: ml_collections.ConfigDict) -> int:
+  """The data set's class count, read from tfds metadata (no data needed), else 1000/10."""
+  try:
+    from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.num_classes(input_pipeline.get_builder(config.data, prepare=False))
+  except Exception:  # pylint: disable=broad-except  (describe must work without tfds data)
+    return 1000 if config.data.image_size >= 128 else 10
+
+
+def load_saved_config(workdir: str, default: ml_collections.ConfigDict,
+                      overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json (written at train time) with command-line overrides applied."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise SystemExit(f'{path} does not exist: pass --config=... (the config the checkpoint was '
+                     'trained with), or train in this workdir first.')
+  with open(path) as f:
+    saved = json.load(f)
+  config = default.unlock()
+  _update(config, saved)
+  for key, value in overrides.items():
+    _set(config, key, value)
+  return config.lock()
+
+
+def _update(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict):
+      if key not in config:
+        config[key] = ml_collections.ConfigDict()
+      _update(config[key], value)
+    else:
+      current = config.get(key) if key in config else None
+      config[key] = tuple(value) if isinstance(value, list) and (
+          current is None or isinstance(current, tuple)) else value
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split('.')
+  for p in parents:
+    config = config[p]
+  config[leaf] = value

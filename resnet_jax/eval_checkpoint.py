@@ -1,0 +1,39 @@
+"""Evaluation from a checkpoint, on whatever devices are present."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from resnet_jax import checkpointing
+from resnet_jax import input_pipeline
+from resnet_jax import train
+
+
+def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dict[str, Any]:
+  """Restores `which` (latest, best or a step), evaluates the configured split and writes
+  WORKDIR/eval_results.json."""
+  inp, strategy, _ = train.setup(config)
+  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  step = ckpt.resolve(which)
+  state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
+  metrics = train.evaluate(strategy, strategy.replicate(state),
+                           input_pipeline.eval_dataset(config, inp))
+  result = {
+      'step': step,
+      'checkpoint': which,
+      'split': inp.splits.eval,
+      'eval_crop': config.data.eval_crop,
+      'top1_error': metrics['eval_top1_error'],
+      'top5_error': metrics['eval_top5_error'],
+      'loss': metrics['eval_loss'],
+      'num_examples': int(metrics['eval_num_examples']),
+      'num_devices': jax.device_count(),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  ckpt.close()
+  return result

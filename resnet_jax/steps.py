@@ -1,0 +1,111 @@
+"""The train state and the pure train and eval steps (jax, flax and optax only).
+
+The same step functions serve both parallel strategies: under `jax.jit` over a
+mesh they see the global batch (`axis_name=None`); under `jax.pmap` they see
+one device's batch and reduce gradients and metrics over `axis_name`. Metrics
+are returned as sums with a count, so that masked (padded) evaluation
+batches and any number of devices or hosts aggregate exactly.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training and must be checkpointed."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  schedule: optim.ScheduleState
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, config: Any,
+                       input_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
+  """Initial state from `rng` (traceable: jit it with out_shardings to place it)."""
+  variables = model.init(rng, jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+      schedule=jax.tree.map(jnp.asarray, optim.init_schedule_state(config)))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _error_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Summed top-1 and top-5 errors (top-k counts a hit if the label is among the k best)."""
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  rank = jnp.sum(logits > label_logit, axis=-1)  # classes scored strictly higher
+  return {'top1_error': jnp.sum((rank >= 1) * weights),
+          'top5_error': jnp.sum((rank >= 5) * weights)}
+
+
+def _reduce(metrics: dict[str, jax.Array], axis_name: str | None) -> dict[str, jax.Array]:
+  return jax.lax.psum(metrics, axis_name) if axis_name else metrics
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, lr_fn: Callable[[Any, Any], Any],
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on a batch: forward with batch statistics, backward, update."""
+  images, labels = batch['image'], batch['label']
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                                  train=True, mutable=['batch_stats'])
+    return cross_entropy(logits, labels).mean(), (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name:
+    grads = jax.lax.pmean(grads, axis_name)
+  lr = lr_fn(state.step, state.schedule)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+  count = jnp.float32(labels.shape[0])
+  metrics = _reduce({'loss': loss * count, 'count': count,
+                     **_error_sums(logits, labels, jnp.ones_like(labels, jnp.float32))}, axis_name)
+  metrics['learning_rate'] = lr
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              axis_name: str | None = None) -> dict[str, jax.Array]:
+  """Summed loss and errors over the unmasked examples; 10-crop batches average softmax."""
+  images, labels = batch['image'], batch['label']
+  weights = batch['mask'].astype(jnp.float32)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if images.ndim == 5:  # (batch, crops, H, W, C): average the crops' probabilities
+    n, crops = images.shape[:2]
+    logits = model.apply(variables, images.reshape((n * crops,) + images.shape[2:]), train=False)
+    probs = jax.nn.softmax(logits.reshape(n, crops, -1)).mean(axis=1)
+    logits = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))
+  else:
+    logits = model.apply(variables, images, train=False)
+  loss = cross_entropy(logits, labels)
+  return _reduce({'loss': jnp.sum(loss * weights), 'count': jnp.sum(weights),
+                  **_error_sums(logits, labels, weights)}, axis_name)
+
+
+def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: Any,
+               schedule: Callable, axis_name: str | None = None) -> tuple[Callable, Callable]:
+  """The two step functions with everything static bound; ready for jit or pmap."""
+  lr_fn = functools.partial(optim.learning_rate, config, schedule)
+  return (functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, axis_name=axis_name),
+          functools.partial(eval_step, model=model, axis_name=axis_name))

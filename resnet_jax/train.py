@@ -1,0 +1,322 @@
+"""The training story, top to bottom: data, model, optimizer, state, steps, loop.
+
+`train_and_evaluate(config, workdir)` trains, evaluates, logs (TensorBoard,
+metrics.jsonl, progress) and checkpoints; rerunning it on the same workdir
+continues from the newest checkpoint, exactly. SIGTERM (TPU VM preemption
+and maintenance) finishes the current step, saves and returns.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import signal
+import threading
+from typing import Any, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from clu import metric_writers
+from clu import metrics as clu_metrics
+from clu import periodic_actions
+
+from resnet_jax import checkpointing
+from resnet_jax import input_pipeline
+from resnet_jax import models
+from resnet_jax import optim
+from resnet_jax import parallel
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average
+  top1_error: clu_metrics.Average
+  top5_error: clu_metrics.Average
+  learning_rate: clu_metrics.LastValue
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average
+  top1_error: clu_metrics.Average
+  top5_error: clu_metrics.Average
+
+
+def _collection(cls, sums: dict[str, Any]):
+  """clu metrics from the steps' sums and count."""
+  fields = {}
+  for name in ('loss', 'top1_error', 'top5_error'):
+    fields[name] = clu_metrics.Average(total=sums[name], count=sums['count'])
+  if 'learning_rate' in sums:
+    fields['learning_rate'] = clu_metrics.LastValue(value=sums['learning_rate'])
+  return cls(_reduction_counter=clu_metrics._ReductionCounter(jnp.array(1)), **fields)  # pylint: disable=protected-access
+
+
+def total_steps(config: Any, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def every(value: int, steps_per_epoch: int) -> int:
+  """A period in steps; 0 means once per epoch."""
+  return value if value > 0 else steps_per_epoch
+
+
+class JsonlWriter(metric_writers.interface.MetricWriter):
+  """Appends one JSON object per `write_scalars` call to a file: {'step': ..., **scalars}."""
+
+  def __init__(self, path: str, resume_step: int | None = None):
+    self.path = path
+    if resume_step is not None and os.path.exists(path):
+      # Lines past the checkpoint will be written again by the resumed run.
+      with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(path, 'w') as f:
+        f.writelines(keep)
+    elif resume_step is None and os.path.exists(path):
+      os.remove(path)
+    self._file = open(path, 'a')  # pylint: disable=consider-using-with
+
+  def write_scalars(self, step, scalars):
+    self._file.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+                     + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+class Preemption:
+  """SIGTERM -> stop after the current step (all hosts agree on the step)."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # The coordination service sees SIGTERM on any host; every host stops at the same step.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step) or self._event.is_set()
+    return self._event.is_set()
+
+
+def save_config(config: Any, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def setup(config: Any):
+  """Data, model, optimizer, schedule and parallel strategy for a config."""
+  inp = input_pipeline.create_input(config, jax.process_index(), jax.process_count())
+  steps_total = total_steps(config, inp.steps_per_epoch)
+  schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)
+  tx = optim.create_optimizer(config)
+  input_shape = (config.data.image_size, config.data.image_size, 3)
+  strategy = parallel.create(
+      config,
+      lambda axis: models.create_model_from_config(config.model, inp.num_classes,
+                                                   bn_axis_name=axis),
+      tx, schedule, input_shape)
+  return inp, strategy, steps_total
+
+
+def evaluate(strategy: parallel.Parallel, state: Any, dataset: tf.data.Dataset) -> dict[str, float]:
+  """Loss and errors over every example of an eval dataset, each counted once."""
+  sums = None
+  for batch in tfds.as_numpy(dataset):
+    m = strategy.eval_step(state, strategy.put_batch(batch))
+    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+  host = strategy.metrics_to_host(sums)
+  out = {f'eval_{k}': float(v) for k, v in _collection(EvalMetrics, host).compute().items()}
+  out['eval_num_examples'] = host['count']
+  return out
+
+
+def _prefetch(iterator: Iterator, put, size: int) -> Iterator:
+  """Keeps `size` batches on their way to the devices (transfers are asynchronous)."""
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(put(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints, seed: int):
+  """(placed state, step, loop record): the newest good checkpoint, or a fresh state."""
+  rng = jax.random.key(seed)
+  restored = ckpt.restore_latest_good(strategy.abstract_state(rng))
+  if restored is None:
+    return strategy.init_state(rng), 0, {}
+  step, state, loop = restored
+  logging.info('Resuming from the checkpoint at step %d.', step)
+  return strategy.replicate(state), step, loop
+
+
+def create_writer(workdir: str, resume_step: int | None) -> metric_writers.MetricWriter:
+  """TensorBoard + logging + metrics.jsonl on the first host; logging elsewhere."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir),
+      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), resume_step)])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or continues training) in `workdir`; returns the last eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  inp, strategy, steps_total = setup(config)
+  ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+  state, step, loop = restore_or_init(strategy, ckpt, config.seed)
+  save_config(config, workdir)
+  writer = create_writer(workdir, step if step else None)
+  if step == 0:
+    writer.write_hparams(_flatten(config))
+
+  log_every = config.log_every_steps
+  eval_every = every(config.eval_every_steps, inp.steps_per_epoch)
+  ckpt_every = every(config.checkpoint_every_steps, inp.steps_per_epoch)
+  progress = periodic_actions.ReportProgress(num_train_steps=steps_total, writer=writer,
+                                             every_steps=log_every)
+  hooks = [progress]
+  if config.profile and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
+                                          first_profile=step + 10))
+
+  # Training metrics accumulated since the last log line; they survive preemption.
+  window = loop.get('train_sums')
+  window = strategy.replicate({k: np.float32(v) for k, v in window.items()}) if window else None
+  eval_metrics: dict[str, float] = {}
+  batches = _prefetch(input_pipeline.train_iterator(config, inp, step), strategy.put_batch,
+                      config.data.prefetch)
+  eval_data = input_pipeline.eval_dataset(config, inp)
+  with Preemption() as preemption:
+    while step < steps_total:
+      state, metrics = strategy.train_step(state, next(batches))
+      window = metrics if window is None else _accumulate(window, metrics)
+      step += 1
+      for hook in hooks:
+        hook(step)
+      last = step == steps_total
+
+      if step % log_every == 0 or last:
+        train = _log_train(writer, strategy, window, step, ckpt)
+        window = None
+        state = _update_schedule(strategy, state, optim.after_train_log, config,
+                                 train['train_top1_error'])
+
+      evaluated = step % eval_every == 0 or last
+      if evaluated:
+        with progress.timed('eval'):
+          eval_metrics = evaluate(strategy, state, eval_data)
+        writer.write_scalars(step, eval_metrics)
+        state = _update_schedule(strategy, state, optim.after_eval, config,
+                                 eval_metrics['eval_top1_error'])
+
+      preempted = preemption.reached(step)
+      if step % ckpt_every == 0 or last or preempted:
+        sums = strategy.metrics_to_host(window) if window is not None else None
+        if sums is not None:
+          _check_finite(sums['loss'], step, ckpt)
+        ckpt.save(step, strategy.unreplicate(state), {'train_sums': sums},
+                  metrics=eval_metrics if evaluated else None)
+      if preempted:
+        logging.warning('SIGTERM: saved a checkpoint at step %d and stopped; rerun the same '
+                        'command to continue.', step)
+        break
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  writer.close()
+  return eval_metrics
+
+
+def _update_schedule(strategy, state, rule, config, error: float):
+  """Applies a host-side learning-rate rule (warm-up end, plateau) to the state."""
+  current = jax.tree.map(np.asarray, strategy.to_host(state.schedule))
+  new = rule(config, current, error)
+  if new is current:
+    return state
+  logging.info('Step %d: learning-rate state %s -> %s (error %.4f).', int(
+      jax.device_get(strategy.unreplicate(state.step))), current, new, error)
+  return state.replace(schedule=strategy.replicate(new))
+
+
+def _accumulate(window, metrics):
+  """Sums metrics over steps; the learning rate keeps its latest value."""
+  out = jax.tree.map(jnp.add, window, metrics)
+  out['learning_rate'] = metrics['learning_rate']
+  return out
+
+
+def _log_train(writer, strategy, window, step: int, ckpt) -> dict[str, float]:
+  sums = strategy.metrics_to_host(window)
+  _check_finite(sums['loss'], step, ckpt)
+  values = _collection(TrainMetrics, sums).compute()
+  scalars = {f'train_{k}': float(v) for k, v in values.items() if k != 'learning_rate'}
+  scalars['learning_rate'] = float(values['learning_rate'])
+  writer.write_scalars(step, scalars)
+  return scalars
+
+
+def _check_finite(loss_sum: float, step: int, ckpt: checkpointing.Checkpoints) -> None:
+  if not math.isfinite(loss_sum):
+    ckpt.wait()
+    raise FloatingPointError(
+        f'The training loss is {loss_sum} at step {step}: training stopped without saving this '
+        f'state. The last good checkpoint is at step {ckpt.latest_step()} in {ckpt.directory}. '
+        'Lower config.optimizer.learning_rate (or add warm-up via config.schedule.warmup_length) '
+        'and rerun the same command: training continues from that checkpoint.')
+
+
+def _flatten(config: Any, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return out
