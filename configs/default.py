@@ -54,7 +54,7 @@ def get_config() -> config_dict.ConfigDict:
 
   # --- Optimisation. ---
   c.batch_size = 128                     # global, over all devices and hosts
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512
   c.num_epochs = 12.0                    # or set num_train_steps (wins when > 0)
   c.num_train_steps = -1
   c.optimizer = config_dict.ConfigDict()

@@ -7,7 +7,11 @@ import os
 from typing import Any
 
 import ml_collections
+from absl import flags
 from absl import logging as absl_logging
+
+MODES = ('train', 'eval', 'describe', 'prepare')
+CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 # Libraries whose INFO lines drown the training log (warnings still show).
 _CHATTY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge.py')
@@ -19,8 +23,51 @@ def quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(keep)
 
 
+def config_error_message(error: Exception, argv: list[str]) -> str:
+  """A plain message for a --config.FIELD=VALUE override that does not fit the config."""
+  overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
+  if isinstance(error, (AttributeError, KeyError)):
+    detail = error
+    while isinstance(detail, (AttributeError, KeyError)) and detail.args:
+      detail = detail.args[0]  # ml_collections wraps the KeyError's message
+    problem = 'unknown config field ' + ' '.join(str(detail).split('\n'))
+  else:
+    problem = f'{type(error).__name__}: {error}'
+  return (f'error: a --config.FIELD=VALUE override does not fit the config: {problem}\n'
+          f'Overrides given: {overrides}\nEvery field, its type and its meaning: '
+          'configs/default.py.')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that ends with a plain message, not a traceback, on bad flags."""
+  try:
+    return flags.FLAGS(argv)
+  except CONFIG_ERRORS as e:
+    raise SystemExit(config_error_message(e, argv)) from None
+  except flags.Error as e:
+    message = str(e)
+    if 'Error whilst parsing config file' in message:  # keep the config file's own message
+      message = [line for line in message.splitlines() if line.strip()][-1]
+    raise SystemExit(f'error: {message}\nUsage: python run.py --config=configs/X.py --workdir=DIR '
+                     f'[--mode={"|".join(MODES)}] [--config.FIELD=VALUE ...]') from None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Errors whose message is the whole story for a user: no traceback needed."""
+  from resnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  errors = [ValueError, FloatingPointError, checkpointing.CheckpointError]
+  try:
+    from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    errors.append(input_pipeline.DatasetNotPreparedError)
+  except ImportError:  # describe works without TensorFlow
+    pass
+  return tuple(errors)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, checkpoint: str,
         config_given: bool, overrides: dict[str, Any]) -> None:
+  """Runs one mode; `overrides` are the --config.FIELD=VALUE flags (re-applied for eval)."""
+  quiet_library_logs()
   if mode == 'describe':
     from resnet_jax import models, summary  # pylint: disable=g-import-not-at-top
     model = models.create_model_from_config(config.model, _describe_classes(config))

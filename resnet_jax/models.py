@@ -349,6 +349,13 @@ def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   Options set to None take the family's default (for example option A
   shortcuts on CIFAR nets and option B on ImageNet nets).
   """
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be positive, got {num_classes}.')
+  return _REGISTRY[name](num_classes=num_classes, **check_options(name, options))
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+  """The options that are set, validated for `name` (errors list the valid choices)."""
   valid = model_options(name)
   options = {k: v for k, v in options.items() if v is not None}
   for key, value in options.items():
@@ -363,9 +370,7 @@ def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     options['dtype'] = DTYPES[options['dtype']]
   if options.get('bn_group_size', 0) < 0:
     raise ValueError(f'bn_group_size must be >= 0 (0: whole batch), got {options["bn_group_size"]}.')
-  if num_classes < 1:
-    raise ValueError(f'num_classes must be positive, got {num_classes}.')
-  return _REGISTRY[name](num_classes=num_classes, **options)
+  return options
 
 
 def create_model_from_config(model_config: Any, num_classes: int, **extra: Any) -> nn.Module:

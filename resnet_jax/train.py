@@ -150,6 +150,8 @@ def save_config(config: Any, workdir: str) -> None:
 
 def setup(config: Any):
   """Data, model, optimizer, schedule and parallel strategy for a config."""
+  model_options = dict(config.model)
+  models.check_options(model_options.pop('name'), model_options)  # fail before touching data
   inp = input_pipeline.create_input(config, jax.process_index(), jax.process_count())
   steps_total = total_steps(config, inp.steps_per_epoch)
   schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)

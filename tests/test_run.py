@@ -1,0 +1,114 @@
+"""End to end through run.py, as a user runs it."""
+import json
+import os
+import re
+
+import pytest
+
+from tests import helpers
+
+# tfds mock data (random examples, no files); the data sets count as prepared.
+MOCK = ('from unittest import mock\n'
+        'import tensorflow_datasets as tfds\n'
+        '_data = tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE)\n'
+        '_data.__enter__()\n'
+        'mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True).start()\n')
+
+FEW_STEPS = ['--config.num_train_steps=4', '--config.batch_size=16', '--config.eval_batch_size=24',
+             '--config.log_every_steps=2', '--config.eval_every_steps=2',
+             '--config.checkpoint_every_steps=2']
+
+TRAIN_KEYS = {'step', 'train_loss', 'train_top1_error', 'train_top5_error', 'learning_rate'}
+EVAL_KEYS = {'step', 'eval_loss', 'eval_top1_error', 'eval_top5_error', 'eval_num_examples'}
+
+
+def check_workdir(workdir, steps, num_eval):
+  lines = helpers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert all(isinstance(line['step'], int) for line in lines)
+  train = [line for line in lines if 'train_loss' in line]
+  evals = [line for line in lines if 'eval_loss' in line]
+  assert [line['step'] for line in train] == list(range(2, steps + 1, 2))
+  assert [line['step'] for line in evals] == list(range(2, steps + 1, 2))
+  for line in train:
+    assert TRAIN_KEYS <= set(line)
+    assert 0 <= line['train_top1_error'] <= 1 and line['train_loss'] > 0
+  for line in evals:
+    assert EVAL_KEYS <= set(line)
+    assert 0 <= line['eval_top5_error'] <= line['eval_top1_error'] <= 1
+    assert line['eval_num_examples'] == num_eval  # every example exactly once
+  assert any('steps_per_sec' in line for line in lines)
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+  assert sorted(map(int, os.listdir(os.path.join(workdir, 'checkpoints')))) == list(
+      range(2, steps + 1, 2))[-3:]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['num_train_steps'] == steps
+
+
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
+def test_quickstart_few_steps(tmp_path, digits_dir, mode):
+  helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
+                 f'--config.parallel={mode}', *FEW_STEPS)
+  check_workdir(tmp_path, 4, 360)
+
+
+def test_cifar10_paper_config_on_mock_data(tmp_path):
+  helpers.run_py('--config=configs/cifar10.py:resnet20', f'--workdir={tmp_path}', *FEW_STEPS,
+                 '--config.model.bn_group_size=8', prelude=MOCK)
+  check_workdir(tmp_path, 4, 40)
+
+
+def test_imagenet_paper_config_on_mock_data(tmp_path):
+  # Mock JPEGs are tiny, so the test shrinks the crops (the code path is the paper's).
+  helpers.run_py('--config=configs/imagenet.py:resnet18', f'--workdir={tmp_path}', *FEW_STEPS,
+                 '--config.model.bn_group_size=2', '--config.data.image_size=32',
+                 '--config.data.scale_range=(36, 48)', '--config.data.eval_resize=36',
+                 '--config.data.shuffle_buffer=8', '--config.parallel=pmap', prelude=MOCK)
+  check_workdir(tmp_path, 4, 40)
+
+
+def test_quickstart_learns_the_digits(tmp_path, digits_dir):
+  """The README's main job, unchanged: below 5% test error (about 2 minutes on 2 cores)."""
+  helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
+                 env={'XLA_FLAGS': ''})
+  final = [line for line in helpers.read_jsonl(tmp_path / 'metrics.jsonl')
+           if 'eval_top1_error' in line][-1]
+  assert final['eval_top1_error'] < 0.05, final
+  assert final['eval_num_examples'] == 360
+
+
+def test_describe_prints_layers_params_and_multiply_adds():
+  out = helpers.run_py('--mode=describe', '--config.model.name=resnet56').stdout
+  assert 'stage3_block9/conv2' in out
+  assert 'trainable parameters: 853,018 (0.85M)' in out
+  assert 'multiply-adds:        125,485,696' in out
+  out = helpers.run_py('--mode=describe', '--config=configs/imagenet.py:resnet50').stdout
+  assert '25,557,032' in out and '(3.86 x 10^9 per image)' in out
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.model.nme=resnet20'], "unknown config field 'nme'"),
+    (['--config.model.name=resnet21'], 'Unknown model .resnet21.. Valid names: resnet20'),
+    (['--config.model.shortcut=B', '--config.model.name=plain20'],
+     "Option 'shortcut' does not apply to plain20"),
+    (['--config.batch_size=20'], 'batch_size=20 is not divisible by the 8 devices'),
+    (['--config.data.eval_split=validation'],
+     "sklearn_digits has no split 'validation'. Available splits: test, train"),
+    (['--config.data.name=no_such_data'], "Unknown data set 'no_such_data'"),
+    (['--config=configs/cifar10.py:resnet21'], 'use NET or NET,val with NET one of'),
+])
+def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, digits_dir, args, message):
+  result = helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}', *args,
+                          check=False)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert re.search(message, result.stderr), result.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_imagenet_not_prepared_names_the_tars_and_the_command(tmp_path):
+  result = helpers.run_py('--config=configs/imagenet.py:resnet50', f'--workdir={tmp_path}',
+                          f'--config.data.data_dir={tmp_path / "tfds"}', check=False)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  for text in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', 'downloads/manual',
+               'python run.py --mode=prepare'):
+    assert text in result.stderr, result.stderr[-3000:]

@@ -1,0 +1,206 @@
+"""The training system: steps, jit == pmap, optimizer, schedules, loop, bad input."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import models
+from resnet_jax import optim
+from resnet_jax import parallel
+from resnet_jax import steps
+from resnet_jax import train
+from tests import helpers
+
+SHAPE = (16, 16, 3)
+
+
+def _batches(num, batch_size, seed=0, num_classes=10):
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.normal(size=(batch_size,) + SHAPE).astype(np.float32),
+           'label': rng.integers(0, num_classes, size=batch_size).astype(np.int32)}
+          for _ in range(num)]
+
+
+def _strategy(config, num_classes=10):
+  schedule = optim.schedule_fn(config, steps_per_epoch=10, total_steps=100)
+  return parallel.create(
+      config, lambda axis: models.create_model_from_config(config.model, num_classes,
+                                                           bn_axis_name=axis),
+      optim.create_optimizer(config), schedule, SHAPE)
+
+
+def _train(config, batches):
+  strategy = _strategy(config)
+  state = strategy.init_state(jax.random.key(0))
+  losses = []
+  for batch in batches:
+    state, metrics = strategy.train_step(state, strategy.put_batch(batch))
+    losses.append(strategy.metrics_to_host(metrics)['loss'] / config.batch_size)
+  return strategy.to_host(state), losses
+
+
+def test_loss_falls_on_a_fixed_batch():
+  config = helpers.small_config(batch_size=16)
+  batch = _batches(1, 16)[0]
+  _, losses = _train(config, [batch] * 30)
+  assert losses[-1] < 0.2 * losses[0], losses
+
+
+@pytest.mark.parametrize('bn_group_size', [0, 2])
+def test_jit_and_pmap_give_the_same_numbers(bn_group_size):
+  assert jax.device_count() == 8
+  batches = _batches(4, 16, seed=1)
+  results = {}
+  for mode in ('jit', 'pmap'):
+    config = helpers.small_config(parallel=mode, batch_size=16,
+                                  **{'model.bn_group_size': bn_group_size})
+    results[mode] = _train(config, batches)
+  (jit_state, jit_losses), (pmap_state, pmap_losses) = results['jit'], results['pmap']
+  np.testing.assert_allclose(jit_losses, pmap_losses, rtol=1e-5)
+  for part in ('params', 'batch_stats', 'opt_state'):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 getattr(jit_state, part), getattr(pmap_state, part))
+  assert int(jit_state.step) == int(pmap_state.step) == 4
+  # The two BN semantics really differ: ghost statistics give other running statistics.
+  if bn_group_size:
+    whole, _ = _train(helpers.small_config(batch_size=16), batches[:1])
+    ghost, _ = _train(helpers.small_config(batch_size=16, **{'model.bn_group_size': 2}),
+                      batches[:1])
+    stats = lambda s: s.batch_stats['stage1_block1']['bn1']['var']
+    assert not np.allclose(stats(whole), stats(ghost))
+
+
+def test_ghost_bn_over_devices_equals_per_device_statistics():
+  """bn_group_size = per-device batch under jit reproduces per-GPU BN (the paper's setting)."""
+  batch = _batches(1, 16, seed=2)[0]
+  config = helpers.small_config(batch_size=16, **{'model.bn_group_size': 2})
+  model = models.create_model_from_config(config.model, 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + SHAPE), train=False)
+  ghost, _ = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
+  per_device = [model.apply(variables, batch['image'][i:i + 2], train=True,
+                            mutable=['batch_stats'])[0] for i in range(0, 16, 2)]
+  np.testing.assert_allclose(ghost, np.concatenate(per_device), rtol=1e-4, atol=1e-5)
+
+
+def test_sgd_update_is_momentum_with_l2_on_kernels_only():
+  config = helpers.small_config()
+  config.optimizer.weight_decay = 0.1
+  tx = optim.create_optimizer(config)
+  params = {'conv': {'kernel': jnp.ones((2,))}, 'bn': {'scale': jnp.ones((2,)),
+                                                       'bias': jnp.ones((2,))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  opt_state = tx.init(params)
+  u1, opt_state = tx.update(grads, opt_state, params)
+  np.testing.assert_allclose(u1['conv']['kernel'], 0.5 + 0.1)  # g + wd * w
+  np.testing.assert_allclose(u1['bn']['scale'], 0.5)           # BN not decayed
+  u2, _ = tx.update(grads, opt_state, params)
+  np.testing.assert_allclose(u2['conv']['kernel'], 0.9 * 0.6 + 0.6)  # momentum trace
+  config.optimizer.decay_bn_and_bias = True
+  u, _ = optim.create_optimizer(config).update(grads, tx.init(params), params)
+  np.testing.assert_allclose(u['bn']['bias'], 0.6)
+
+
+def _lr(config, step, state=None, steps_per_epoch=100, total=64000):
+  schedule = optim.schedule_fn(config, steps_per_epoch, total)
+  state = state or optim.init_schedule_state(config)
+  return float(optim.learning_rate(config, schedule, jnp.int32(step), state))
+
+
+def test_paper_cifar_step_schedule_boundaries():
+  config = helpers.small_config(**{'schedule.name': 'step', 'schedule.unit': 'steps',
+                                   'schedule.boundaries': (32000, 48000)})
+  assert _lr(config, 0) == pytest.approx(0.1)
+  assert _lr(config, 31999) == pytest.approx(0.1)
+  assert _lr(config, 32000) == pytest.approx(0.01)
+  assert _lr(config, 47999) == pytest.approx(0.01)
+  assert _lr(config, 48000) == pytest.approx(0.001)
+  assert _lr(config, 63999) == pytest.approx(0.001)
+  # The same in epochs (100 steps per epoch).
+  config.schedule.unit = 'epochs'
+  config.schedule.boundaries = (320.0, 480.0)
+  assert _lr(config, 31999) == pytest.approx(0.1) and _lr(config, 32000) == pytest.approx(0.01)
+
+
+def test_resnet110_warmup_returns_to_the_schedule():
+  config = helpers.small_config(**{'schedule.name': 'step', 'schedule.unit': 'steps',
+                                   'schedule.boundaries': (32000, 48000),
+                                   'schedule.warmup_lr': 0.01})
+  state = optim.init_schedule_state(config)
+  assert _lr(config, 0, state) == pytest.approx(0.01)
+  state = optim.after_train_log(config, state, 0.85)   # still above 80%
+  assert _lr(config, 300, state) == pytest.approx(0.01)
+  state = optim.after_train_log(config, state, 0.79)   # below 80%: back to 0.1
+  assert _lr(config, 400, state) == pytest.approx(0.1)
+  assert _lr(config, 32000, state) == pytest.approx(0.01)
+  state = optim.after_train_log(config, state, 0.95)   # never warms up again
+  assert _lr(config, 401, state) == pytest.approx(0.1)
+
+
+def test_plateau_divides_by_ten_when_eval_error_stops_improving():
+  config = helpers.small_config(**{'schedule.name': 'plateau', 'schedule.patience': 2,
+                                   'schedule.factor': 0.1})
+  state = optim.init_schedule_state(config)
+  for error, expected in [(0.5, 0.1), (0.4, 0.1), (0.4, 0.1), (0.41, 0.01), (0.45, 0.01),
+                          (0.39, 0.01), (0.39, 0.01), (0.39, 0.001)]:
+    state = optim.after_eval(config, state, error)
+    assert _lr(config, 1000, state) == pytest.approx(expected)
+
+
+def test_cosine_with_linear_warmup_and_batch_scaling():
+  config = helpers.small_config(**{'schedule.name': 'cosine', 'schedule.unit': 'epochs',
+                                   'schedule.warmup_length': 5.0, 'batch_size': 1024,
+                                   'optimizer.base_batch_size': 256})
+  peak = 0.1 * 1024 / 256
+  assert _lr(config, 0, total=9000) == pytest.approx(0.0)
+  assert _lr(config, 250, total=9000) == pytest.approx(peak / 2)
+  assert _lr(config, 500, total=9000) == pytest.approx(peak)
+  assert _lr(config, 4750, total=9000) == pytest.approx(peak / 2, rel=1e-3)
+  assert _lr(config, 9000, total=9000) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_eval_step_scores_masked_batches_and_ten_crops():
+  config = helpers.small_config()
+  model = models.create_model_from_config(config.model, 10)
+  tx = optim.create_optimizer(config)
+  state = steps.create_train_state(model, tx, config, SHAPE, jax.random.key(0))
+  batch = _batches(1, 8)[0]
+  mask = np.array([1, 1, 1, 0, 1, 0, 0, 1], bool)
+  _, eval_fn = steps.make_steps(model, tx, config, optim.schedule_fn(config, 1, 1))
+  full = eval_fn(state, {**batch, 'mask': np.ones(8, bool)})
+  masked = eval_fn(state, {**batch, 'mask': mask})
+  assert float(masked['count']) == 5
+  keep = {k: v[mask] for k, v in batch.items()}
+  only = eval_fn(state, {**keep, 'mask': np.ones(5, bool)})
+  for key in ('loss', 'top1_error', 'top5_error'):
+    np.testing.assert_allclose(masked[key], only[key], rtol=1e-5)
+  assert float(full['count']) == 8
+  # Ten identical crops score exactly like one.
+  ten = {**batch, 'image': np.repeat(batch['image'][:, None], 10, axis=1), 'mask': mask}
+  ten_metrics = eval_fn(state, ten)
+  np.testing.assert_allclose(ten_metrics['top1_error'], masked['top1_error'])
+  np.testing.assert_allclose(ten_metrics['loss'], masked['loss'], rtol=1e-4)
+
+
+def test_batch_not_divisible_by_devices_fails_clearly():
+  config = helpers.small_config(batch_size=12)
+  with pytest.raises(ValueError, match='batch_size=12 is not divisible by the 8 devices'):
+    _strategy(config)
+  config = helpers.small_config(parallel='pmap', batch_size=16, **{'model.bn_group_size': 4})
+  with pytest.raises(ValueError, match='bn_group_size=4 does not divide the per-device batch of 2'):
+    _strategy(config)
+  with pytest.raises(ValueError, match="config.parallel='pjit'"):
+    _strategy(helpers.small_config(parallel='pjit'))
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, digits_dir):
+  # The learning rate jumps to 1e29 after step 4: the loss is huge at step 6, NaN by step 8.
+  config = helpers.small_config(**{
+      'data.data_dir': digits_dir, 'num_train_steps': 8, 'checkpoint_every_steps': 2,
+      'log_every_steps': 2, 'eval_every_steps': 100, 'schedule.name': 'step',
+      'schedule.unit': 'steps', 'schedule.boundaries': (4,), 'schedule.factor': 1e30})
+  with pytest.raises(FloatingPointError, match='training loss is nan at step 8.* at step 6 in'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4', '6']  # nothing at step 8
