@@ -78,7 +78,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, ch
     from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     builder = input_pipeline.prepare(config.data)
     print(f'{builder.name} is ready in {builder.data_dir}: '
-          f'{ {k: v.num_examples for k, v in builder.info.splits.items()} }')
+          f'{ {str(k): v.num_examples for k, v in builder.info.splits.items()} }')
     return
   if not workdir:
     raise SystemExit(f'--mode={mode} needs --workdir=DIR.')

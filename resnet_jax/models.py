@@ -351,7 +351,8 @@ def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   """
   if num_classes < 1:
     raise ValueError(f'num_classes must be positive, got {num_classes}.')
-  return _REGISTRY[name](num_classes=num_classes, **check_options(name, options))
+  options = check_options(name, options)
+  return _REGISTRY[name](num_classes=num_classes, **options)
 
 
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -59,10 +59,14 @@ def test_cifar10_paper_config_on_mock_data(tmp_path):
 
 def test_imagenet_paper_config_on_mock_data(tmp_path):
   # Mock JPEGs are tiny, so the test shrinks the crops (the code path is the paper's).
+  # cache=True: tfds' mock swaps the file system while it builds a dataset, which
+  # would race with an asynchronous checkpoint write (the real-files ImageNet test
+  # covers cache=False).
   helpers.run_py('--config=configs/imagenet.py:resnet18', f'--workdir={tmp_path}', *FEW_STEPS,
                  '--config.model.bn_group_size=2', '--config.data.image_size=32',
                  '--config.data.scale_range=(36, 48)', '--config.data.eval_resize=36',
-                 '--config.data.shuffle_buffer=8', '--config.parallel=pmap', prelude=MOCK)
+                 '--config.data.shuffle_buffer=8', '--config.data.cache=True',
+                 '--config.parallel=pmap', prelude=MOCK)
   check_workdir(tmp_path, 4, 40)
 
 
@@ -112,3 +116,29 @@ def test_imagenet_not_prepared_names_the_tars_and_the_command(tmp_path):
   for text in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', 'downloads/manual',
                'python run.py --mode=prepare'):
     assert text in result.stderr, result.stderr[-3000:]
+
+
+@pytest.fixture(scope='module')
+def sample_imagenet(tmp_path_factory):
+  """The real imagenet2012 builder, prepared through run.py from a manual_dir of real photos."""
+  from resnet_jax import sample_imagenet as sample  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('imagenet')
+  manual, data = root / 'manual', root / 'tfds'
+  synsets = sample.write_manual_dir(str(manual), train_per_class=4, num_val=8)
+  out = helpers.run_py('--mode=prepare', '--config=configs/imagenet.py:resnet18',
+                       f'--config.data.data_dir={data}', f'--config.data.manual_dir={manual}')
+  assert "'train': 32" in out.stdout and "'validation': 8" in out.stdout, out.stdout
+  return str(data), synsets
+
+
+def test_imagenet_from_the_users_tars_trains_resnet18(tmp_path, sample_imagenet):
+  data_dir, _ = sample_imagenet
+  helpers.run_py('--config=configs/imagenet.py:resnet18', f'--workdir={tmp_path}',
+                 f'--config.data.data_dir={data_dir}', '--config.model.bn_group_size=0',
+                 *FEW_STEPS[:1], '--config.batch_size=8', '--config.eval_batch_size=8',
+                 '--config.log_every_steps=2', '--config.eval_every_steps=4',
+                 '--config.checkpoint_every_steps=4', '--config.data.shuffle_buffer=32')
+  lines = helpers.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [line['step'] for line in lines if 'train_loss' in line] == [2, 4]
+  (final,) = [line for line in lines if 'eval_loss' in line]
+  assert final['eval_num_examples'] == 8
