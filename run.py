@@ -24,12 +24,16 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
                                   'For --mode=eval: latest, best or a step number.')
+_DISTRIBUTED = flags.DEFINE_string(
+    'distributed', '', 'Multi-host: "auto" (TPU VMs, SLURM: JAX finds its peers) or '
+    '"HOST:PORT,NUM_PROCESSES,PROCESS_ID" (the coordinator is process 0). Empty: one process.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
+    cli.init_distributed(_DISTRIBUTED.value)
     cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
             config_given=flags.FLAGS['config'].present,
             overrides=config_flags.get_override_values(flags.FLAGS['config']))

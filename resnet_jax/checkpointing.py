@@ -8,12 +8,15 @@ with a step decide which checkpoint is the best.
 """
 from __future__ import annotations
 
-import logging
+import math
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 BEST_METRIC = 'eval_top1_error'
 
@@ -25,26 +28,32 @@ class CheckpointError(RuntimeError):
 class Checkpoints:
   """Saving and restoring train states for one workdir."""
 
-  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir: str, keep: int = 3):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    error = lambda metrics: metrics.get(BEST_METRIC, math.inf)  # no eval: the worst
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=max(keep, 1)),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m[BEST_METRIC], n=1,
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -error(m), n=1,
                                       keep_checkpoints_without_metrics=False),
     ])
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=True, read_only=read_only,
-            create=not read_only),
-        item_names=('state', 'loop'))
+            preservation_policy=policy,
+            best_fn=error, best_mode='min',  # makes orbax store the metrics with each step
+            enable_async_checkpointing=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'loop': ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, loop: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
-    """Starts an asynchronous save of `state` (global arrays) at `step`."""
+    """Starts an asynchronous save of `state` (global arrays) at `step`.
+
+    `metrics` are the eval metrics of this very state (None: not evaluated).
+    """
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
-        metrics=metrics, force=True)
+        metrics=metrics or {}, force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -60,9 +69,9 @@ class Checkpoints:
 
   def best_step(self) -> int | None:
     """The step with the lowest saved eval error (None if no step has eval metrics)."""
-    scored = [(m[BEST_METRIC], s) for s in self.steps()
+    scored = [(m[BEST_METRIC], -s) for s in self.steps()
               if (m := self.manager.metrics(s)) and BEST_METRIC in m]
-    return min(scored)[1] if scored else None
+    return -min(scored)[1] if scored else None  # ties: the latest, as the retention policy keeps
 
   def resolve(self, which: str) -> int:
     """'latest', 'best' or a step number -> a saved step, or a clear error."""
@@ -85,49 +94,93 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """The state at `step`, laid out like `abstract_state` (shapes and shardings)."""
+    step_dir = os.path.join(self.directory, str(step))
+    try:
+      saved = self.manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
+      raise DamagedCheckpointError(step_dir, e) from e
+    problems = _differences(saved, abstract_state)
+    if problems:
+      raise CheckpointError(
+          f'The checkpoint at step {step} in {self.directory} does not fit the configured '
+          f'model and optimizer ({len(problems)} differences, e.g. {"; ".join(problems[:4])}).\n'
+          'Restore it with the config it was trained with (--mode=eval uses WORKDIR/config.json '
+          'unless --config is given), or train in a new workdir.')
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
-      raise CheckpointError(
-          f'Cannot restore the checkpoint at step {step} in {self.directory}: '
-          f'{type(e).__name__}: {str(e)[:2000]}\n'
-          'If the config changed (model, number of classes, optimizer), restore with the config '
-          'the checkpoint was trained with (the default for --mode=eval: WORKDIR/config.json), '
-          'or train in a new workdir. If the files are damaged, delete that step directory to '
-          'fall back to the previous checkpoint.') from e
-    _check_shapes(restored['state'], abstract_state, step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(step_dir, e) from e
     return restored['state'], dict(restored['loop'] or {})
 
   def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest checkpoint that restores, skipping damaged ones (None if there is none)."""
-    errors = []
+    """The newest checkpoint that can be read (None if there is none).
+
+    Damaged checkpoints are moved aside to WORKDIR/damaged_checkpoints/ (not
+    deleted) so that training can write that step again. A checkpoint that does
+    not fit the config is an error, not a reason to go back.
+    """
+    damaged = []
     for step in sorted(self.steps(), reverse=True):
       try:
         state, loop = self.restore(step, abstract_state)
-        if errors:
-          logging.warning('Resumed from step %d; newer checkpoints failed:\n%s', step,
-                          '\n'.join(errors))
-        return step, state, loop
-      except CheckpointError as e:
-        errors.append(str(e).splitlines()[0])
-        if _is_mismatch(e):
-          raise
-    if errors:
-      raise CheckpointError('No checkpoint in %s could be restored:\n%s' % (
-          self.directory, '\n'.join(errors)))
+      except DamagedCheckpointError as e:
+        logging.warning('%s', e)
+        damaged.append(step)
+        continue
+      if damaged:
+        self._move_aside(damaged)
+        logging.warning('Resuming from step %d: the newer checkpoints %s are damaged and were '
+                        'moved to %s.', step, damaged, self._damaged_dir)
+      return step, state, loop
+    if damaged:
+      raise CheckpointError(f'Every checkpoint in {self.directory} is damaged ({damaged}); move '
+                            'the directory away to start afresh.')
     return None
 
+  @property
+  def _damaged_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
 
-def _is_mismatch(error: CheckpointError) -> bool:
-  return isinstance(error.__cause__, (ValueError, KeyError)) and 'shape' in str(error).lower() \
-      or 'does not fit' in str(error)
+  def _move_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        target = os.path.join(self._damaged_dir, f'{step}-{int(time.time())}')
+        os.makedirs(self._damaged_dir, exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('resnet_jax: damaged checkpoints moved')
+    self.manager.reload()
 
 
-def _check_shapes(restored: Any, abstract: Any, step: int) -> None:
-  got = jax.tree.map(lambda x: tuple(x.shape), restored)
-  want = jax.tree.map(lambda x: tuple(x.shape), abstract)
-  if got != want:
-    raise CheckpointError(f'The checkpoint at step {step} does not fit the configured model: '
-                          'its arrays have other shapes (a different model, number of classes or '
-                          'optimizer?).')
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint directory that cannot be read (truncated, deleted files, bad metadata)."""
+
+  def __init__(self, step_dir: str, cause: Exception):
+    first_line = (str(cause).strip().splitlines() or [''])[0][:300]
+    super().__init__(f'The checkpoint {step_dir} cannot be read ({type(cause).__name__}: '
+                     f'{first_line}); it is damaged or incomplete. Delete it to fall back to the '
+                     'previous checkpoint.')
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return '/'.join(parts)
+
+
+def _differences(saved: Any, abstract: Any) -> list[str]:
+  """Where the saved arrays and the expected ones differ in name or shape."""
+  shapes = lambda tree: {_path_name(p): tuple(x.shape) for p, x in
+                         jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = shapes(saved), shapes(abstract)
+  problems = [f'{k}: saved {have[k]}, expected {want[k]}'
+              for k in sorted(have.keys() & want.keys()) if have[k] != want[k]]
+  problems += [f'{k} is not in the checkpoint' for k in sorted(want.keys() - have.keys())]
+  problems += [f'{k} is not in the model' for k in sorted(have.keys() - want.keys())]
+  return problems

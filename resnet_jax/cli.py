@@ -64,6 +64,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
   return tuple(errors)
 
 
+def init_distributed(spec: str) -> None:
+  """Joins a multi-process run (`--distributed`) before JAX touches any device."""
+  if not spec:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; no-op elsewhere
+  if spec == 'auto':
+    jax.distributed.initialize()
+    return
+  try:
+    address, num_processes, process_id = spec.split(',')
+    num_processes, process_id = int(num_processes), int(process_id)
+  except ValueError:
+    raise ValueError(f'--distributed={spec!r}: use "auto" or HOST:PORT,NUM_PROCESSES,PROCESS_ID, '
+                     'e.g. 10.0.0.1:1234,2,0 on the first host and 10.0.0.1:1234,2,1 on the '
+                     'second.') from None
+  jax.distributed.initialize(address, num_processes, process_id)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, checkpoint: str,
         config_given: bool, overrides: dict[str, Any]) -> None:
   """Runs one mode; `overrides` are the --config.FIELD=VALUE flags (re-applied for eval)."""

@@ -16,7 +16,7 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dic
   """Restores `which` (latest, best or a step), evaluates the configured split and writes
   WORKDIR/eval_results.json."""
   inp, strategy, _ = train.setup(config)
-  ckpt = checkpointing.Checkpoints(workdir, read_only=True)
+  ckpt = checkpointing.Checkpoints(workdir)
   step = ckpt.resolve(which)
   state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
   metrics = train.evaluate(strategy, strategy.replicate(state),

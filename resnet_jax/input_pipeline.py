@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import math
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -120,7 +120,14 @@ def get_splits(builder: tfds.core.DatasetBuilder, data_config: Any) -> Splits:
   return Splits(train, evaluation, num_examples(builder, train), num_examples(builder, evaluation))
 
 
-def host_split(split: str, process_index: int, process_count: int) -> str:
+def describe_split(split: Any) -> str:
+  """'test', or 'test (part 1 of 2)' for a host's or a shard's even part of a split."""
+  if isinstance(split, str):
+    return split
+  return f'{split.split} (part {split.index + 1} of {split.count})'  # tfds.even_splits
+
+
+def host_split(split: str, process_index: int, process_count: int) -> Any:
   """This host's disjoint part of `split` (sizes differ by at most one)."""
   if process_count == 1:
     return split
@@ -241,38 +248,58 @@ def _decoders(builder: tfds.core.DatasetBuilder, image_key: str) -> dict[str, An
 
 @dataclasses.dataclass
 class Input:
-  """Everything the trainer needs to know about its data."""
+  """Everything the trainer needs to know about its data.
+
+  Training data is split into `num_shards` disjoint shards, one per device of
+  the whole run; the global batch is one slice of `shard_batch_size` examples
+  from every shard, and a host reads only the shards of its own devices
+  (`shards`). So the global batches depend on the seed and the number of
+  devices, but not on how the devices are spread over hosts: 2 hosts x 4
+  devices train exactly like 1 host x 8. Evaluation splits the eval split by
+  host (`process_index` of `process_count`).
+  """
   builder: tfds.core.DatasetBuilder
   splits: Splits
   num_classes: int
+  shards: tuple[int, ...]
+  num_shards: int
+  shard_batch_size: int
   steps_per_epoch: int
   eval_steps: int
-  local_batch_size: int
   local_eval_batch_size: int
   process_index: int
   process_count: int
 
+  @property
+  def local_batch_size(self) -> int:
+    return self.shard_batch_size * len(self.shards)
 
-def create_input(config: Any, process_index: int, process_count: int) -> Input:
-  """Resolves the data set, splits and per-host batch sizes; fails early on bad input."""
-  if config.batch_size % process_count or config.eval_batch_size % process_count:
-    raise ValueError(f'batch_size={config.batch_size} and eval_batch_size={config.eval_batch_size} '
-                     f'must be divisible by the number of hosts ({process_count}).')
+
+def create_input(config: Any, shards: Sequence[int], num_shards: int, process_index: int = 0,
+                 process_count: int = 1) -> Input:
+  """Resolves the data set, splits and batch sizes; fails early on bad input.
+
+  `shards`: the data shards this host reads, of `num_shards` (normally the
+  indices of this host's devices among all devices).
+  """
+  if config.batch_size % num_shards or config.eval_batch_size % process_count:
+    raise ValueError(f'batch_size={config.batch_size} must be divisible by {num_shards} and '
+                     f'eval_batch_size={config.eval_batch_size} by the {process_count} hosts.')
   builder = get_builder(config.data)
   splits = get_splits(builder, config.data)
-  local_batch = config.batch_size // process_count
-  local_eval_batch = config.eval_batch_size // process_count
-  steps_per_epoch = (splits.num_train // process_count) // local_batch
+  shard_batch = config.batch_size // num_shards
+  steps_per_epoch = (splits.num_train // num_shards) // shard_batch
   if steps_per_epoch < 1:
     raise ValueError(f'The train split {splits.train!r} has {splits.num_train} examples, fewer '
                      f'than one global batch of {config.batch_size}: lower config.batch_size.')
+  local_eval_batch = config.eval_batch_size // process_count
   eval_steps = math.ceil(math.ceil(splits.num_eval / process_count) / local_eval_batch)
-  return Input(builder, splits, num_classes(builder), steps_per_epoch, eval_steps, local_batch,
-               local_eval_batch, process_index, process_count)
+  return Input(builder, splits, num_classes(builder), tuple(shards), num_shards, shard_batch,
+               steps_per_epoch, eval_steps, local_eval_batch, process_index, process_count)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-  return int.from_bytes(hashlib.sha256(f'{seed}/{epoch}'.encode()).digest()[:7], 'little')
+def _seed(*parts: int) -> int:
+  return int.from_bytes(hashlib.sha256('/'.join(map(str, parts)).encode()).digest()[:7], 'little')
 
 
 def train_iterator(config: Any, inp: Input, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -280,32 +307,41 @@ def train_iterator(config: Any, inp: Input, start_step: int = 0) -> Iterator[dic
   data = config.data
   builder = inp.builder
   image_key, label_key = image_and_label_keys(builder)
-  split = host_split(inp.splits.train, inp.process_index, inp.process_count)
   normalize = normalizer(builder, data, inp.splits.train)
   preprocess = train_preprocess(data, normalize, image_key, label_key)
   decoders = _decoders(builder, image_key)
-  examples_per_epoch = inp.steps_per_epoch * inp.local_batch_size
-  cached, shuffle_buffer = None, data.shuffle_buffer
+  splits = {shard: host_split(inp.splits.train, shard, inp.num_shards) for shard in inp.shards}
+  examples_per_epoch = inp.steps_per_epoch * inp.shard_batch_size
+  cached, shuffle_buffer = {}, max(1, data.shuffle_buffer // len(inp.shards))
   if data.cache:
-    cached = builder.as_dataset(split=split, decoders=decoders).cache()
-    # A full shuffle reads the whole split in every epoch, so the cache completes.
-    shuffle_buffer = max(shuffle_buffer, num_examples(builder, split))
+    cached = {shard: builder.as_dataset(split=split, decoders=decoders).cache()
+              for shard, split in splits.items()}
+    # A full shuffle reads the whole shard in every epoch, so the cache completes.
+    shuffle_buffer = max(shuffle_buffer, examples_per_epoch + inp.shard_batch_size)
 
-  epoch, skip = divmod(start_step, inp.steps_per_epoch)
-  while True:
-    epoch_seed = _epoch_seed(config.seed + 1000003 * inp.process_index, epoch)
-    if cached is not None:
-      ds = cached
+  def shard_epoch(shard: int, epoch: int, skip: int) -> tf.data.Dataset:
+    """One epoch of one shard: shuffled, augmented with per-example stateless seeds."""
+    epoch_seed = _seed(config.seed, shard, epoch)
+    if data.cache:
+      ds = cached[shard]
     else:
-      ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=True,
+      ds = builder.as_dataset(split=splits[shard], decoders=decoders, shuffle_files=True,
                               read_config=tfds.ReadConfig(shuffle_seed=epoch_seed % 2**31))
     if shuffle_buffer > 1:
       ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    ds = ds.take(examples_per_epoch).enumerate().skip(skip * inp.local_batch_size)
+    ds = ds.take(examples_per_epoch).enumerate().skip(skip * inp.shard_batch_size)
     seed = tf.constant([epoch_seed % 2**31, 0], tf.int64)
     ds = ds.map(lambda i, ex: preprocess(ex, tf.random.experimental.stateless_fold_in(seed, i)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(inp.local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(inp.shard_batch_size, drop_remainder=True)
+
+  def concat(*parts):
+    return tf.nest.map_structure(lambda *x: tf.concat(x, axis=0), *parts)
+
+  epoch, skip = divmod(start_step, inp.steps_per_epoch)
+  while True:
+    ds = tf.data.Dataset.zip(tuple(shard_epoch(s, epoch, skip) for s in inp.shards))
+    ds = ds.map(concat, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     yield from tfds.as_numpy(ds)
     epoch, skip = epoch + 1, 0
 

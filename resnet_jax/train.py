@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import math
 import os
 import signal
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from clu import metric_writers
@@ -119,14 +119,20 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
 
 
 class Preemption:
-  """SIGTERM -> stop after the current step (all hosts agree on the step)."""
+  """SIGTERM (TPU VM preemption or maintenance) -> stop after the current step.
+
+  One process: our own SIGTERM handler. Several: JAX's preemption sync manager
+  (started by jax.distributed.initialize) catches the signal on any host and
+  picks one step at which every host stops, so that they all save together.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
+    self._multihost = jax.process_count() > 1
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._multihost and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
     return self
 
@@ -135,10 +141,9 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      # The coordination service sees SIGTERM on any host; every host stops at the same step.
+    if self._multihost:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step) or self._event.is_set()
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()
 
 
@@ -152,7 +157,16 @@ def setup(config: Any):
   """Data, model, optimizer, schedule and parallel strategy for a config."""
   model_options = dict(config.model)
   models.check_options(model_options.pop('name'), model_options)  # fail before touching data
-  inp = input_pipeline.create_input(config, jax.process_index(), jax.process_count())
+  # One data shard per device (see input_pipeline.Input); this host reads its devices' shards.
+  devices = jax.devices()
+  shards = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+  inp = input_pipeline.create_input(config, shards, len(devices), jax.process_index(),
+                                    jax.process_count())
+  logging.info('Host %d of %d trains on %s %s (data shards %s of %d) and evaluates on %s.',
+               jax.process_index(), jax.process_count(), config.data.name, inp.splits.train,
+               shards, len(devices),
+               input_pipeline.describe_split(input_pipeline.host_split(
+                   inp.splits.eval, jax.process_index(), jax.process_count())))
   steps_total = total_steps(config, inp.steps_per_epoch)
   schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)
   tx = optim.create_optimizer(config)
@@ -217,6 +231,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = create_writer(workdir, step if step else None)
   if step == 0:
     writer.write_hparams(_flatten(config))
+
+  if step >= steps_total:
+    logging.warning('%s is already trained for %d steps (config: %d); nothing to do. Raise '
+                    'config.num_train_steps (or num_epochs) to train further.', workdir, step,
+                    steps_total)
+    ckpt.close()
+    return {}
 
   log_every = config.log_every_steps
   eval_every = every(config.eval_every_steps, inp.steps_per_epoch)

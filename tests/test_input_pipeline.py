@@ -21,10 +21,15 @@ def mock_tfds():
     yield
 
 
-def _first_batches(config, process_index=0, process_count=1, start_step=0, num=1):
-  inp = input_pipeline.create_input(config, process_index, process_count)
-  iterator = input_pipeline.train_iterator(config, inp, start_step)
-  return inp, [next(iterator) for _ in range(num)]
+def _input(config, host=0, hosts=1, shards_per_host=1):
+  """The Input of simulated host `host` of `hosts`, each with `shards_per_host` devices."""
+  shards = range(host * shards_per_host, (host + 1) * shards_per_host)
+  return input_pipeline.create_input(config, shards, hosts * shards_per_host, host, hosts)
+
+
+def _first_batches(config, host=0, hosts=1, shards_per_host=1, start_step=0, num=1):
+  inp = _input(config, host, hosts, shards_per_host)
+  return inp, list(itertools.islice(input_pipeline.train_iterator(config, inp, start_step), num))
 
 
 def test_cifar10_shapes_dtypes_and_ranges_on_mock_data(mock_tfds):
@@ -105,12 +110,12 @@ def _image_ids(batches):
 
 def test_two_hosts_evaluate_every_example_exactly_once(digits_dir):
   config = helpers.small_config(**{'data.data_dir': digits_dir, 'eval_batch_size': 64})
-  single = input_pipeline.create_input(config, 0, 1)
+  single = _input(config)
   everything = _image_ids(tfds.as_numpy(input_pipeline.eval_dataset(config, single)))
   assert len(everything) == len(set(everything)) == 360
   per_host, steps = [], []
   for host in range(2):
-    inp = input_pipeline.create_input(config, host, 2)
+    inp = _input(config, host, 2)
     batches = list(tfds.as_numpy(input_pipeline.eval_dataset(config, inp)))
     steps.append(len(batches))
     per_host.append(_image_ids(batches))
@@ -124,12 +129,22 @@ def test_hosts_train_on_disjoint_shards(digits_dir):
                                    'data.train_augment': 'none'})
   seen = []
   for host in range(2):
-    inp = input_pipeline.create_input(config, host, 2)
-    batches = itertools.islice(input_pipeline.train_iterator(config, inp), inp.steps_per_epoch)
+    inp, batches = _first_batches(config, host, 2, shards_per_host=4, num=44)
+    assert inp.steps_per_epoch == 44 and inp.local_batch_size == 16  # (1437 // 8) // 4 = 44
     seen.append({hashlib.sha1(x.tobytes()).hexdigest() for b in batches for x in b['image']})
-  # Each host: (1437 // 2) // 16 = 44 steps of 16 distinct examples in an epoch.
-  assert len(seen[0]) == len(seen[1]) == 44 * 16
+  assert len(seen[0]) == len(seen[1]) == 44 * 16  # an epoch of distinct examples per host
   assert not seen[0] & seen[1]
+
+
+def test_global_batches_do_not_depend_on_the_host_layout(digits_dir):
+  """2 hosts x 4 devices see exactly the global batches of 1 host x 8 devices."""
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'batch_size': 32})
+  _, single = _first_batches(config, shards_per_host=8, num=50, start_step=40)
+  _, host0 = _first_batches(config, 0, 2, shards_per_host=4, num=50, start_step=40)
+  _, host1 = _first_batches(config, 1, 2, shards_per_host=4, num=50, start_step=40)
+  for whole, a, b in zip(single, host0, host1):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(whole[key], np.concatenate([a[key], b[key]]))
 
 
 def test_training_batches_are_deterministic_and_resume_at_any_step(digits_dir):
@@ -161,7 +176,7 @@ def test_per_pixel_mean_is_computed_once_and_cached(digits_dir):
 
 def test_validation_holdout_splits_the_train_split(digits_dir):
   config = helpers.small_config(**{'data.data_dir': digits_dir, 'data.validation_size': 237})
-  inp = input_pipeline.create_input(config, 0, 1)
+  inp = _input(config)
   assert (inp.splits.train, inp.splits.eval) == ('train[237:]', 'train[:237]')
   assert (inp.splits.num_train, inp.splits.num_eval) == (1200, 237)
 

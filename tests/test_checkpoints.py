@@ -1,0 +1,147 @@
+"""Checkpoints: exact resume after SIGTERM, retention, eval on other device counts, bad files."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests import helpers
+
+TRAIN = ['--config.batch_size=16', '--config.eval_batch_size=64', '--config.log_every_steps=4',
+         '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6']
+RESULT_KEYS = ('train_', 'eval_', 'learning_rate')
+
+
+def saved_state(workdir, step=None):
+  """A checkpoint's train state as numpy arrays, read with orbax directly."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  item_handlers={'state': ocp.StandardCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever wrote it
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step)['state'])
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return step, jax.tree.map(np.asarray, dict(state['state']))
+
+
+def results(workdir):
+  """metrics.jsonl without the timing lines (steps/s, uptime differ between runs)."""
+  return [line for line in helpers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if any(key.startswith(RESULT_KEYS) for key in line)]
+
+
+def assert_same_state(a, b):
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+  assert tree_a == tree_b
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, digits_dir):
+  args = [f'--config.data.data_dir={digits_dir}', '--config.num_train_steps=24', *TRAIN]
+  helpers.run_py(f'--workdir={tmp_path / "straight"}', *args)
+
+  workdir = tmp_path / 'preempted'
+  code = (f'import runpy, sys\nsys.argv = ["run.py", "--workdir={workdir}"] + {args!r}\n'
+          f'runpy.run_path({os.path.join(helpers.REPO, "run.py")!r}, run_name="__main__")\n')
+  process = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, cwd=helpers.REPO)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not (metrics.exists() and '"train_loss"' in metrics.read_text()):  # past step 4
+    assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:]
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'SIGTERM: saved a checkpoint at step' in stderr
+  stopped_at, _ = saved_state(workdir)
+  assert 4 <= stopped_at < 24  # stopped early, mid-window and mid-epoch in general
+
+  helpers.run_py(f'--workdir={workdir}', *args)  # the same command continues
+  step, resumed = saved_state(workdir)
+  _, straight = saved_state(tmp_path / 'straight')
+  assert step == 24
+  assert_same_state(resumed, straight)  # params, BN statistics, optimizer and schedule state
+  assert results(workdir) == results(tmp_path / 'straight')
+
+
+def test_rerun_after_the_end_changes_nothing(tmp_path, digits_dir):
+  args = [f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
+          '--config.num_train_steps=6', *TRAIN]
+  helpers.run_py(*args)
+  before = results(tmp_path)
+  out = helpers.run_py(*args)
+  assert 'already trained for 6 steps' in out.stderr
+  assert results(tmp_path) == before
+
+
+def test_keeps_the_last_k_and_the_best(tmp_path, digits_dir):
+  helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
+                 '--config.num_train_steps=10', '--config.batch_size=16',
+                 '--config.eval_batch_size=64', '--config.eval_every_steps=1',
+                 '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=2',
+                 '--config.optimizer.learning_rate=0.5')
+  errors = {line['step']: line['eval_top1_error'] for line in results(tmp_path)
+            if 'eval_top1_error' in line}
+  best = min(errors, key=lambda s: (errors[s], -s))
+  kept = sorted(map(int, os.listdir(tmp_path / 'checkpoints')))
+  assert kept == sorted({9, 10, best}), (kept, errors)
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--checkpoint=best').stdout
+  assert json.loads(out[out.index('{'):])['step'] == best
+
+
+@pytest.mark.parametrize('train_devices,eval_devices', [(8, 1), (1, 8)])
+def test_eval_restores_on_another_device_count(tmp_path, digits_dir, train_devices, eval_devices):
+  flags = lambda n: {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
+  helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
+                 '--config.num_train_steps=6', *TRAIN, env=flags(train_devices))
+  final = [line for line in results(tmp_path) if 'eval_top1_error' in line][-1]
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', env=flags(eval_devices))
+  printed = json.loads(out.stdout[out.stdout.index('{'):])
+  with open(tmp_path / 'eval_results.json') as f:
+    saved = json.load(f)
+  assert printed == saved
+  assert saved['step'] == 6 and saved['checkpoint'] == 'latest' and saved['num_examples'] == 360
+  assert saved['num_devices'] == eval_devices
+  assert saved['top1_error'] == pytest.approx(final['eval_top1_error'], abs=1e-9)
+  assert saved['top5_error'] == pytest.approx(final['eval_top5_error'], abs=1e-9)
+
+
+def test_eval_uses_the_saved_config_with_overrides(tmp_path, digits_dir):
+  helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
+                 '--config.num_train_steps=6', *TRAIN)
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--config.data.eval_split=train',
+                       '--config.eval_batch_size=200').stdout
+  result = json.loads(out[out.index('{'):])
+  assert result['split'] == 'train' and result['num_examples'] == 1437
+
+
+def test_damaged_and_mismatched_checkpoints_fail_clearly(tmp_path, digits_dir):
+  args = [f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}', *TRAIN]
+  helpers.run_py(*args, '--config.num_train_steps=12')
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['12', '6']
+  # A checkpoint of another model: a clear error, nothing overwritten.
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--config.model.name=resnet32',
+                       check=False)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert 'does not fit the configured model' in out.stderr
+  assert 'stage1_block4' in out.stderr
+  # Damage the newest checkpoint: eval says so; training falls back to step 6 and goes on.
+  shutil.rmtree(tmp_path / 'checkpoints' / '12' / 'state')
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--checkpoint=12', check=False)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert 'checkpoints/12 cannot be read' in out.stderr and 'damaged' in out.stderr
+  out = helpers.run_py(*args, '--config.num_train_steps=18')
+  assert 'Resuming from step 6' in out.stderr
+  assert sorted(map(int, os.listdir(tmp_path / 'checkpoints')))[-1] == 18
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--checkpoint=7', check=False)
+  assert 'use latest, best or a saved step' in out.stderr
