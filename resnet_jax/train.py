@@ -157,6 +157,7 @@ def setup(config: Any):
   """Data, model, optimizer, schedule and parallel strategy for a config."""
   model_options = dict(config.model)
   models.check_options(model_options.pop('name'), model_options)  # fail before touching data
+  parallel.check_batch_sizes(config, jax.device_count())
   # One data shard per device (see input_pipeline.Input); this host reads its devices' shards.
   devices = jax.devices()
   shards = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]

@@ -74,14 +74,27 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, digits_dir):
   assert results(workdir) == results(tmp_path / 'straight')
 
 
-def test_rerun_after_the_end_changes_nothing(tmp_path, digits_dir):
-  args = [f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
-          '--config.num_train_steps=6', *TRAIN]
-  helpers.run_py(*args)
-  before = results(tmp_path)
-  out = helpers.run_py(*args)
-  assert 'already trained for 6 steps' in out.stderr
-  assert results(tmp_path) == before
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, digits_dir):
+  """A workdir trained for 12 steps on 8 devices, checkpoints at 6 and 12 (copy before changing)."""
+  workdir = tmp_path_factory.mktemp('trained')
+  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
+                 '--config.num_train_steps=12', *TRAIN)
+  return workdir
+
+
+def _copy(trained, tmp_path):
+  shutil.copytree(trained, tmp_path / 'w')
+  return tmp_path / 'w'
+
+
+def test_rerun_after_the_end_changes_nothing(trained, tmp_path, digits_dir):
+  workdir = _copy(trained, tmp_path)
+  before = results(workdir)
+  out = helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
+                       '--config.num_train_steps=12', *TRAIN)
+  assert 'already trained for 12 steps' in out.stderr
+  assert results(workdir) == before
 
 
 def test_keeps_the_last_k_and_the_best(tmp_path, digits_dir):
@@ -100,34 +113,38 @@ def test_keeps_the_last_k_and_the_best(tmp_path, digits_dir):
 
 
 @pytest.mark.parametrize('train_devices,eval_devices', [(8, 1), (1, 8)])
-def test_eval_restores_on_another_device_count(tmp_path, digits_dir, train_devices, eval_devices):
+def test_eval_restores_on_another_device_count(trained, tmp_path, digits_dir, train_devices,
+                                               eval_devices):
   flags = lambda n: {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
-  helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
-                 '--config.num_train_steps=6', *TRAIN, env=flags(train_devices))
-  final = [line for line in results(tmp_path) if 'eval_top1_error' in line][-1]
-  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', env=flags(eval_devices))
+  if train_devices == 8:
+    workdir = _copy(trained, tmp_path)
+  else:
+    workdir = tmp_path
+    helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
+                   '--config.num_train_steps=12', *TRAIN, env=flags(train_devices))
+  final = [line for line in results(workdir) if 'eval_top1_error' in line][-1]
+  out = helpers.run_py('--mode=eval', f'--workdir={workdir}', env=flags(eval_devices))
   printed = json.loads(out.stdout[out.stdout.index('{'):])
-  with open(tmp_path / 'eval_results.json') as f:
+  with open(workdir / 'eval_results.json') as f:
     saved = json.load(f)
   assert printed == saved
-  assert saved['step'] == 6 and saved['checkpoint'] == 'latest' and saved['num_examples'] == 360
+  assert saved['step'] == 12 and saved['checkpoint'] == 'latest' and saved['num_examples'] == 360
   assert saved['num_devices'] == eval_devices
   assert saved['top1_error'] == pytest.approx(final['eval_top1_error'], abs=1e-9)
   assert saved['top5_error'] == pytest.approx(final['eval_top5_error'], abs=1e-9)
 
 
-def test_eval_uses_the_saved_config_with_overrides(tmp_path, digits_dir):
-  helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
-                 '--config.num_train_steps=6', *TRAIN)
-  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--config.data.eval_split=train',
+def test_eval_uses_the_saved_config_with_overrides(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  out = helpers.run_py('--mode=eval', f'--workdir={workdir}', '--config.data.eval_split=train',
                        '--config.eval_batch_size=200').stdout
   result = json.loads(out[out.index('{'):])
   assert result['split'] == 'train' and result['num_examples'] == 1437
 
 
-def test_damaged_and_mismatched_checkpoints_fail_clearly(tmp_path, digits_dir):
+def test_damaged_and_mismatched_checkpoints_fail_clearly(trained, tmp_path, digits_dir):
+  tmp_path = _copy(trained, tmp_path)
   args = [f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}', *TRAIN]
-  helpers.run_py(*args, '--config.num_train_steps=12')
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['12', '6']
   # A checkpoint of another model: a clear error, nothing overwritten.
   out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--config.model.name=resnet32',
