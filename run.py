@@ -36,7 +36,8 @@ def main(argv):
     cli.init_distributed(_DISTRIBUTED.value)
     cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
             config_given=flags.FLAGS['config'].present,
-            overrides=config_flags.get_override_values(flags.FLAGS['config']))
+            overrides=config_flags.get_override_values(flags.FLAGS['config']),
+            config_path=config_flags.get_config_filename(flags.FLAGS['config']))
   except cli.user_errors() as e:  # the message says what is wrong and what to do
     sys.exit(f'error: {e}')
 

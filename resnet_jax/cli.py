@@ -10,7 +10,7 @@ import ml_collections
 from absl import flags
 from absl import logging as absl_logging
 
-MODES = ('train', 'eval', 'describe', 'prepare')
+MODES = ('train', 'eval', 'describe', 'prepare', 'sweep', 'report')
 CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 # Libraries whose INFO lines drown the training log (warnings still show).
@@ -84,7 +84,7 @@ def init_distributed(spec: str) -> None:
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, checkpoint: str,
-        config_given: bool, overrides: dict[str, Any]) -> None:
+        config_given: bool, overrides: dict[str, Any], config_path: str = '') -> None:
   """Runs one mode; `overrides` are the --config.FIELD=VALUE flags (re-applied for eval)."""
   quiet_library_logs()
   if mode == 'describe':
@@ -104,6 +104,15 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, ch
   if mode == 'train':
     from resnet_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
+  elif mode == 'sweep':
+    from resnet_jax import sweep  # pylint: disable=g-import-not-at-top
+    rows = sweep.run_sweep(config, config_path, workdir)
+    print(open(os.path.join(workdir, 'summary.md')).read())
+    if any(r['status'] != 'finished' for r in rows):
+      raise SystemExit('error: some sweep members failed; see the log above.')
+  elif mode == 'report':
+    from resnet_jax import report  # pylint: disable=g-import-not-at-top
+    print(json.dumps(report.report(workdir, config, overrides), indent=2))
   elif mode == 'eval':
     from resnet_jax import eval_checkpoint  # pylint: disable=g-import-not-at-top
     if not config_given:

@@ -1,0 +1,124 @@
+"""Sweeps: one base config, a list of overrides, one workdir per member.
+
+A sweep file is a config file with a second function:
+
+    def get_config():  ...           # the base config, as in any config file
+    def get_sweep():                 # one dict of overrides per member ...
+      return [{'model.name': name} for name in ('plain20', 'resnet20')]
+    def get_sweep():                 # ... or named members
+      return {'r110': {'model.name': 'resnet110', 'schedule.warmup_lr': 0.01}}
+
+`python run.py --mode=sweep --config=configs/sweeps/X.py --workdir=DIR` trains
+the members one after another in DIR/<member>/ (command-line overrides apply to
+every member), skips members that already finished, resumes one that was
+interrupted, and writes DIR/summary.md and DIR/summary.csv.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import traceback
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+
+def load_sweep(config_path: str) -> dict[str, dict[str, Any]]:
+  """{member name: overrides} from the sweep file's get_sweep()."""
+  path = config_path.split(':', 1)[0]
+  spec = importlib.util.spec_from_file_location('resnet_jax_sweep_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_sweep'):
+    raise ValueError(f'{path} has no get_sweep(): --mode=sweep needs a sweep file '
+                     '(see configs/sweeps/).')
+  members = module.get_sweep()
+  if not isinstance(members, dict):
+    members = {member_name(overrides): overrides for overrides in members}
+  if not members:
+    raise ValueError(f'{path}: get_sweep() returned no members.')
+  return members
+
+
+def member_name(overrides: dict[str, Any]) -> str:
+  """'resnet56' for {'model.name': 'resnet56'}; 'name=resnet56,seed=1' for more keys."""
+  if len(overrides) == 1:
+    return str(next(iter(overrides.values())))
+  return ','.join(f'{k.split(".")[-1]}={v}' for k, v in overrides.items())
+
+
+def member_config(base: ml_collections.ConfigDict, overrides: dict[str, Any]
+                  ) -> ml_collections.ConfigDict:
+  config = base.copy_and_resolve_references()
+  config.unlock()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f'Sweep override {key!r}: the config has no field {leaf!r}.')
+    node[leaf] = value
+  return config.lock()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def final_results(workdir: str) -> dict[str, Any]:
+  """The last training and eval figures of one run (None where absent)."""
+  lines = read_metrics(workdir)
+  train = [l for l in lines if 'train_top1_error' in l]
+  evals = [l for l in lines if 'eval_top1_error' in l]
+  return {
+      'steps': max((l['step'] for l in lines), default=0),
+      'train_error': train[-1]['train_top1_error'] if train else None,
+      'test_error': evals[-1]['eval_top1_error'] if evals else None,
+      'best_test_error': min(l['eval_top1_error'] for l in evals) if evals else None,
+  }
+
+
+def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -> list[dict]:
+  """Trains every member (skipping finished ones) and writes the summary."""
+  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  rows = []
+  for name, overrides in load_sweep(config_path).items():
+    member_dir = os.path.join(workdir, name)
+    config = member_config(base, overrides)
+    status = 'finished'
+    try:
+      logging.info('Sweep member %s: %s', name, overrides)
+      train.train_and_evaluate(config, member_dir)
+    except Exception:  # pylint: disable=broad-except  (one failure must not stop the sweep)
+      logging.error('Sweep member %s failed:\n%s', name, traceback.format_exc())
+      status = 'failed'
+    rows.append({'member': name, 'model': config.model.name, 'status': status,
+                 **final_results(member_dir)})
+    write_summary(workdir, rows)
+  return rows
+
+
+def write_summary(workdir: str, rows: list[dict[str, Any]]) -> None:
+  """DIR/summary.csv and DIR/summary.md: each member's final train and test error."""
+  fields = ['member', 'model', 'status', 'steps', 'train_error', 'test_error', 'best_test_error']
+  with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  pct = lambda v: '-' if v is None else f'{100 * v:.2f}%'
+  lines = ['| member | status | steps | train error | test error | best test error |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["member"]} | {r["status"]} | {r["steps"]} | {pct(r["train_error"])} | '
+                 f'{pct(r["test_error"])} | {pct(r["best_test_error"])} |')
+  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
