@@ -1,0 +1,26 @@
+"""The benchmark scripts run (tiny sizes): the GPU one needs only jax, flax and optax."""
+import os
+import subprocess
+import sys
+
+from tests import helpers
+
+BLOCK = ('import sys\n'
+         'class Block:\n'
+         '  def find_spec(self, name, path=None, target=None):\n'
+         '    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu", '
+         '"ml_collections", "torch"):\n'
+         '      raise ImportError("not on the GPU machine: " + name)\n'
+         'sys.meta_path.insert(0, Block())\n')
+
+
+def test_gpu_bench_runs_with_only_jax_flax_optax():
+  script = os.path.join(helpers.REPO, 'benchmarks', 'gpu_bench.py')
+  code = (BLOCK + f'sys.argv = [{script!r}, "--model=resnet18", "--batch=2", "--image=32", '
+          '"--steps=1"]\nimport runpy\nrunpy.run_path(sys.argv[0], run_name="__main__")\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env={**os.environ, 'XLA_FLAGS': ''}, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line for line in out.stdout.splitlines() if line.startswith('resnet_jax resnet18')]
+  assert [row.split()[2] for row in rows] == ['bfloat16', 'float32']
+  assert all(float(row.split()[3]) > 0 for row in rows)  # images/s
