@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any, Iterator
 
 import flax
@@ -257,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = _prefetch(input_pipeline.train_iterator(config, inp, step), strategy.put_batch,
                       config.data.prefetch)
   eval_data = input_pipeline.eval_dataset(config, inp)
+  clock = (time.monotonic(), step)  # images/s between log lines, all hosts together
   with Preemption() as preemption:
     while step < steps_total:
       state, metrics = strategy.train_step(state, next(batches))
@@ -269,6 +271,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % log_every == 0 or last:
         train = _log_train(writer, strategy, window, step, ckpt)
         window = None
+        now = time.monotonic()
+        writer.write_scalars(step, {'images_per_sec': config.batch_size * (step - clock[1]) /
+                                                      (now - clock[0])})
+        clock = (now, step)
         state = _update_schedule(strategy, state, optim.after_train_log, config,
                                  train['train_top1_error'])
 

@@ -37,6 +37,7 @@ def check_workdir(workdir, steps, num_eval):
     assert 0 <= line['eval_top5_error'] <= line['eval_top1_error'] <= 1
     assert line['eval_num_examples'] == num_eval  # every example exactly once
   assert any('steps_per_sec' in line for line in lines)
+  assert [line['step'] for line in lines if 'images_per_sec' in line] == list(range(2, steps + 1, 2))
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
   assert sorted(map(int, os.listdir(os.path.join(workdir, 'checkpoints')))) == list(
       range(2, steps + 1, 2))[-3:]
