@@ -175,6 +175,13 @@ class BottleneckBlock(nn.Module):
     return nn.relu(y)
 
 
+def batch_norm(net: nn.Module, train: bool) -> ModuleDef:
+  """The BatchNorm of a network, configured from its bn_* fields and dtype."""
+  return functools.partial(BatchNorm, use_running_average=not train, momentum=net.bn_momentum,
+                           epsilon=net.bn_epsilon, group_size=net.bn_group_size,
+                           axis_name=net.bn_axis_name, dtype=net.dtype)
+
+
 def _last_bn_init(zero: bool) -> Callable:
   return nn.initializers.zeros if zero else nn.initializers.ones
 
@@ -201,16 +208,12 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_kernel_init)
-    norm = functools.partial(BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             group_size=self.bn_group_size, axis_name=self.bn_axis_name,
-                             dtype=self.dtype)
+    norm = batch_norm(self, train)
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':
       x = conv(self.widths[0], (7, 7), 2, padding=((3, 3), (3, 3)), name='stem_conv')(x)
@@ -252,21 +255,18 @@ class VGG(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     x = x.astype(self.dtype)
+    norm = batch_norm(self, train)
     for i, (num_convs, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(num_convs):
-        x = self.conv(width, (3, 3), 1, padding=((1, 1), (1, 1)), dtype=self.dtype,
+        x = nn.Conv(width, (3, 3), 1, padding=((1, 1), (1, 1)), dtype=self.dtype,
                       param_dtype=jnp.float32, kernel_init=conv_kernel_init,
                       name=f'stage{i + 1}_conv{j + 1}')(x)
         if self.batch_norm:
-          x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=self.bn_epsilon, group_size=self.bn_group_size,
-                        axis_name=self.bn_axis_name, dtype=self.dtype,
-                        name=f'stage{i + 1}_bn{j + 1}')(x)
+          x = norm(name=f'stage{i + 1}_bn{j + 1}')(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
