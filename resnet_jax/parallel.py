@@ -32,11 +32,9 @@ PMAP_AXIS = 'batch'
 class Parallel:
   """A parallel strategy: where state and batches live and how the steps run.
 
-  "Global form" is a tree of replicated global arrays (`replicated`), the
+  "Global form" is a tree of global arrays replicated over all devices, the
   same in both strategies: what checkpoints save and restore.
   """
-  name: str
-  replicated: NamedSharding
   # rng -> placed initial state
   init_state: Callable[[jax.Array], steps.TrainState]
   # shapes, dtypes and shardings of the state in global form
@@ -96,8 +94,6 @@ def create(config: Any, make_model: Callable[[str | None], Any], tx: Any,
   if config.parallel == 'jit':
     batch_sharding = NamedSharding(global_mesh, P('data'))
     return Parallel(
-        name='jit',
-        replicated=replicated,
         init_state=jax.jit(create_state, out_shardings=replicated),
         abstract_state=abstract_state,
         replicate=lambda tree: _replicated_global(tree, replicated),
@@ -124,8 +120,6 @@ def create(config: Any, make_model: Callable[[str | None], Any], tx: Any,
         lambda x: jax.device_put(x.reshape((n, x.shape[0] // n) + x.shape[1:]), stacked), batch)
 
   return Parallel(
-      name='pmap',
-      replicated=replicated,
       init_state=lambda rng: replicate(jax.jit(create_state)(rng)),
       abstract_state=abstract_state,
       replicate=replicate,
