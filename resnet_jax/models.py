@@ -7,6 +7,7 @@ jax and flax: GPU and TPU benchmark machines may have nothing else.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -92,6 +93,28 @@ class BatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
+MATERIALIZE_GROUP = 16
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """Returns x exactly, computed by a grouped identity 1x1 convolution.
+
+  Why: XLA:CPU fuses the elementwise BN + addition + ReLU that produce a
+  block's output into every consumer, including the transposes that feed the
+  weight gradients of later blocks, and so recomputes the whole residual
+  chain of the stage again and again (cost quadratic in depth). A convolution
+  is never fused into its consumers, so its output is stored once. Measured
+  on 2 CPU cores: ResNet-20 training 205 -> 242 img/s, ResNet-56 48 -> 84,
+  ResNet-50 2.5 -> 2.9. Groups of 16 keep the extra work small.
+  """
+  channels = x.shape[-1]
+  group = math.gcd(channels, MATERIALIZE_GROUP)
+  eye = jnp.tile(jnp.eye(group, dtype=x.dtype), (1, channels // group))[None, None]
+  return jax.lax.conv_general_dilated(x, eye, (1, 1), 'VALID',
+                                      feature_group_count=channels // group,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 def subsample_and_pad(x: jax.Array, out_channels: int, strides: int) -> jax.Array:
   """Option A shortcut: take every `strides`-th pixel and zero-pad new channels."""
   x = x[:, ::strides, ::strides, :]
@@ -132,6 +155,7 @@ class BasicBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   zero_init_last_bn: bool = False
+  materialize_output: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -142,7 +166,8 @@ class BasicBlock(nn.Module):
     if self.shortcut is not None:
       y = y + Shortcut(self.filters, self.strides, self.shortcut, self.conv, self.norm,
                        name='shortcut')(x)
-    return nn.relu(y)
+    y = nn.relu(y)
+    return materialize(y) if self.materialize_output else y
 
 
 class BottleneckBlock(nn.Module):
@@ -157,6 +182,7 @@ class BottleneckBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   zero_init_last_bn: bool = False
+  materialize_output: bool = False
   bottleneck_stride: str = '1x1'
 
   @nn.compact
@@ -172,7 +198,8 @@ class BottleneckBlock(nn.Module):
     if self.shortcut is not None:
       y = y + Shortcut(self.filters * 4, self.strides, self.shortcut, self.conv, self.norm,
                        name='shortcut')(x)
-    return nn.relu(y)
+    y = nn.relu(y)
+    return materialize(y) if self.materialize_output else y
 
 
 def batch_norm(net: nn.Module, train: bool) -> ModuleDef:
@@ -208,9 +235,14 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  # Store each residual block's output (see `materialize`); None: on the CPU backend only.
+  materialize_blocks: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    store = self.materialize_blocks
+    if store is None:
+      store = self.residual and jax.default_backend() == 'cpu'
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_kernel_init)
     norm = batch_norm(self, train)
@@ -233,6 +265,7 @@ class ResNet(nn.Module):
             shortcut=self.shortcut if self.residual else None,
             conv=conv, norm=norm,
             zero_init_last_bn=self.zero_init_last_bn,
+            materialize_output=store,
             name=f'stage{i + 1}_block{j + 1}')(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
@@ -330,7 +363,7 @@ def model_options(name: str) -> dict[str, tuple | None]:
   _check_name(name)
   if name == 'vgg19':
     return {**_COMMON_OPTIONS, 'batch_norm': None}
-  options = {**_COMMON_OPTIONS, 'zero_init_last_bn': None}
+  options = {**_COMMON_OPTIONS, 'zero_init_last_bn': None, 'materialize_blocks': None}
   if name.startswith('resnet'):
     options['shortcut'] = SHORTCUTS
   if _REGISTRY[name].keywords.get('block_cls') is BottleneckBlock:

@@ -258,3 +258,31 @@ def test_models_import_without_tensorflow_tfds_or_clu():
           'print(summary.num_trainable_params(models.create_model("resnet20", 10), (32, 32, 3)))\n')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '269722'
+
+
+def test_materialize_is_an_exact_identity_with_identity_gradient():
+  for channels in (16, 24, 64, 2048):
+    x = jax.random.normal(jax.random.key(channels), (2, 3, 3, channels))
+    np.testing.assert_array_equal(models.materialize(x), x)
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    np.testing.assert_array_equal(jax.vjp(models.materialize, x)[1](g)[0], g)
+
+
+def test_materialized_blocks_compute_the_same_function():
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  labels = jnp.arange(4) % 10
+  results = []
+  for store in (False, True):
+    model = models.create_model('resnet20', 10, materialize_blocks=store)
+    variables = model.init(jax.random.key(1), x, train=False)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
+    results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params']))
+  (_, logits_a), grads_a = results[0]
+  (_, logits_b), grads_b = results[1]
+  np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_a,
+               grads_b)
