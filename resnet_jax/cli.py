@@ -101,15 +101,12 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, ch
     return
   if not workdir:
     raise SystemExit(f'--mode={mode} needs --workdir=DIR.')
-  if mode == 'train':
+  if mode in ('train', 'sweep'):
     from resnet_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, workdir)
-  elif mode == 'sweep':
-    from resnet_jax import sweep  # pylint: disable=g-import-not-at-top
-    rows = sweep.run_sweep(config, config_path, workdir)
-    print(open(os.path.join(workdir, 'summary.md')).read())
-    if any(r['status'] != 'finished' for r in rows):
-      raise SystemExit('error: some sweep members failed; see the log above.')
+    try:
+      _train_or_sweep(mode, config, workdir, config_path)
+    except train.Preempted as e:  # a clean stop: exit 0, the same command resumes
+      absl_logging.warning('%s', e)
   elif mode == 'report':
     from resnet_jax import report  # pylint: disable=g-import-not-at-top
     print(json.dumps(report.report(workdir, config, overrides), indent=2))
@@ -119,6 +116,20 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, ch
       config = load_saved_config(workdir, config, overrides)
     result = eval_checkpoint.evaluate_checkpoint(config, workdir, checkpoint)
     print(json.dumps(result, indent=2))
+
+
+def _train_or_sweep(mode: str, config: ml_collections.ConfigDict, workdir: str,
+                    config_path: str) -> None:
+  if mode == 'train':
+    from resnet_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
+    return
+  from resnet_jax import sweep  # pylint: disable=g-import-not-at-top
+  rows = sweep.run_sweep(config, config_path, workdir)
+  with open(os.path.join(workdir, 'summary.md')) as f:
+    print(f.read())
+  if any(r['status'] != 'finished' for r in rows):
+    raise SystemExit('error: some sweep members failed; see the log above.')
 
 
 def _describe_classes(config: ml_collections.ConfigDict) -> int:

@@ -98,6 +98,8 @@ def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -
     try:
       logging.info('Sweep member %s: %s', name, overrides)
       train.train_and_evaluate(config, member_dir)
+    except train.Preempted:
+      raise  # the whole sweep stops; rerunning it resumes this member
     except Exception:  # pylint: disable=broad-except  (one failure must not stop the sweep)
       logging.error('Sweep member %s failed:\n%s', name, traceback.format_exc())
       status = 'failed'

@@ -119,6 +119,10 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
     self._file.close()
 
 
+class Preempted(Exception):
+  """Training stopped early on SIGTERM after saving a checkpoint (not an error)."""
+
+
 class Preemption:
   """SIGTERM (TPU VM preemption or maintenance) -> stop after the current step.
 
@@ -294,13 +298,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(step, strategy.unreplicate(state), {'train_sums': sums},
                   metrics=eval_metrics if evaluated else None)
       if preempted:
-        logging.warning('SIGTERM: saved a checkpoint at step %d and stopped; rerun the same '
-                        'command to continue.', step)
         break
   ckpt.wait()
   ckpt.close()
   writer.flush()
   writer.close()
+  if step < steps_total:
+    raise Preempted(f'SIGTERM: saved a checkpoint at step {step} and stopped; rerun the same '
+                    'command to continue.')
   return eval_metrics
 
 
