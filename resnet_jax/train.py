@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Any, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,29 +34,13 @@ from resnet_jax import optim
 from resnet_jax import parallel
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average
-  top1_error: clu_metrics.Average
-  top5_error: clu_metrics.Average
-  learning_rate: clu_metrics.LastValue
-
-
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average
-  top1_error: clu_metrics.Average
-  top5_error: clu_metrics.Average
-
-
-def _collection(cls, sums: dict[str, Any]):
-  """clu metrics from the steps' sums and count."""
-  fields = {}
-  for name in ('loss', 'top1_error', 'top5_error'):
-    fields[name] = clu_metrics.Average(total=sums[name], count=sums['count'])
+def clu_metrics_from_sums(sums: dict[str, Any]) -> clu_metrics.Collection:
+  """clu metrics (averages, and the last learning rate) from the steps' sums and count."""
+  fields = {name: clu_metrics.Average(total=sums[name], count=sums['count'])
+            for name in ('loss', 'top1_error', 'top5_error')}
   if 'learning_rate' in sums:
     fields['learning_rate'] = clu_metrics.LastValue(value=sums['learning_rate'])
-  return cls(_reduction_counter=clu_metrics._ReductionCounter(jnp.array(1)), **fields)  # pylint: disable=protected-access
+  return clu_metrics.Collection.create_collection(**fields)
 
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -192,7 +175,7 @@ def evaluate(strategy: parallel.Parallel, state: Any, dataset: tf.data.Dataset) 
     m = strategy.eval_step(state, strategy.put_batch(batch))
     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
   host = strategy.metrics_to_host(sums)
-  out = {f'eval_{k}': float(v) for k, v in _collection(EvalMetrics, host).compute().items()}
+  out = {f'eval_{k}': float(v) for k, v in clu_metrics_from_sums(host).compute().items()}
   out['eval_num_examples'] = host['count']
   return out
 
@@ -243,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     'config.num_train_steps (or num_epochs) to train further.', workdir, step,
                     steps_total)
     ckpt.close()
+    writer.close()
     return {}
 
   log_every = config.log_every_steps
@@ -330,7 +314,7 @@ def _accumulate(window, metrics):
 def _log_train(writer, strategy, window, step: int, ckpt) -> dict[str, float]:
   sums = strategy.metrics_to_host(window)
   _check_finite(sums['loss'], step, ckpt)
-  values = _collection(TrainMetrics, sums).compute()
+  values = clu_metrics_from_sums(sums).compute()
   scalars = {f'train_{k}': float(v) for k, v in values.items() if k != 'learning_rate'}
   scalars['learning_rate'] = float(values['learning_rate'])
   writer.write_scalars(step, scalars)
