@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from tests import helpers
 
 SWEEP = '''
@@ -54,3 +56,26 @@ def test_sweep_then_report(tmp_path, digits_dir):
   assert sorted(responses) == ['plain20', 'resnet20']
   assert all(len(stds) == 19 and min(stds) > 0 for stds in responses.values())
   assert (workdir / 'summary.md').read_text() == summary
+
+
+def test_a_preempted_sweep_stops_and_a_failed_member_does_not(tmp_path, monkeypatch):
+  from configs import default
+  from resnet_jax import sweep, train
+  sweep_file = tmp_path / 'sweep.py'
+  sweep_file.write_text(SWEEP.replace("'resnet20'}]", "'resnet20'}, {'model.name': 'resnet32'}]"))
+  calls = []
+
+  def fake_train(config, workdir):
+    calls.append(config.model.name)
+    if config.model.name == 'plain20':
+      raise RuntimeError('diverged')
+    if config.model.name == 'resnet20':
+      raise train.Preempted('SIGTERM')
+    return {}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  with pytest.raises(train.Preempted):
+    sweep.run_sweep(default.get_config(), str(sweep_file), str(tmp_path / 'out'))
+  assert calls == ['plain20', 'resnet20']  # went on after the failure, stopped at SIGTERM
+  summary = (tmp_path / 'out' / 'summary.md').read_text()
+  assert '| plain20 | failed |' in summary and 'resnet32' not in summary
