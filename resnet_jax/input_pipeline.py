@@ -1,7 +1,7 @@
 """tfds -> tf.data -> per-host numpy batches.
 
-Each host reads a disjoint shard of a split and yields its part of the global
-batch. Training batches are a deterministic function of (seed, step): epoch e
+The train split is cut into one shard per device; each host reads the shards
+of its own devices and yields its part of the global batch. Training batches are a deterministic function of (seed, step): epoch e
 shuffles with a seed derived from (seed, e) and every example's augmentation
 uses a stateless seed derived from (seed, e, position), so a run resumed at
 step s sees exactly the batches an uninterrupted run sees from step s on.
@@ -127,11 +127,11 @@ def describe_split(split: Any) -> str:
   return f'{split.split} (part {split.index + 1} of {split.count})'  # tfds.even_splits
 
 
-def host_split(split: str, process_index: int, process_count: int) -> Any:
-  """This host's disjoint part of `split` (sizes differ by at most one)."""
-  if process_count == 1:
+def part_of_split(split: str, index: int, count: int) -> Any:
+  """Part `index` of `split` cut into `count` disjoint parts (sizes differ by at most one)."""
+  if count == 1:
     return split
-  return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+  return tfds.even_splits(split, n=count, drop_remainder=False)[index]
 
 
 # --- Normalisation -----------------------------------------------------------
@@ -310,7 +310,7 @@ def train_iterator(config: Any, inp: Input, start_step: int = 0) -> Iterator[dic
   normalize = normalizer(builder, data, inp.splits.train)
   preprocess = train_preprocess(data, normalize, image_key, label_key)
   decoders = _decoders(builder, image_key)
-  splits = {shard: host_split(inp.splits.train, shard, inp.num_shards) for shard in inp.shards}
+  splits = {shard: part_of_split(inp.splits.train, shard, inp.num_shards) for shard in inp.shards}
   examples_per_epoch = inp.steps_per_epoch * inp.shard_batch_size
   cached, shuffle_buffer = {}, max(1, data.shuffle_buffer // len(inp.shards))
   if data.cache:
@@ -358,7 +358,7 @@ def eval_dataset(config: Any, inp: Input, split: str | None = None) -> tf.data.D
   split = split or inp.splits.eval
   normalize = normalizer(builder, config.data, inp.splits.train)
   preprocess = eval_preprocess(config.data, normalize, image_key, label_key)
-  ds = builder.as_dataset(split=host_split(split, inp.process_index, inp.process_count),
+  ds = builder.as_dataset(split=part_of_split(split, inp.process_index, inp.process_count),
                           decoders=_decoders(builder, image_key), shuffle_files=False)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   total = inp.eval_steps * inp.local_eval_batch_size

@@ -154,7 +154,7 @@ def setup(config: Any):
   logging.info('Host %d of %d trains on %s %s (data shards %s of %d) and evaluates on %s.',
                jax.process_index(), jax.process_count(), config.data.name, inp.splits.train,
                shards, len(devices),
-               input_pipeline.describe_split(input_pipeline.host_split(
+               input_pipeline.describe_split(input_pipeline.part_of_split(
                    inp.splits.eval, jax.process_index(), jax.process_count())))
   steps_total = total_steps(config, inp.steps_per_epoch)
   schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)
