@@ -153,7 +153,7 @@ def load_saved_config(workdir: str, default: ml_collections.ConfigDict,
   config = default.unlock()
   _update(config, saved)
   for key, value in overrides.items():
-    _set(config, key, value)
+    set_field(config, key, value)
   return config.lock()
 
 
@@ -169,8 +169,12 @@ def _update(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
           current is None or isinstance(current, tuple)) else value
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets an existing field, e.g. 'model.name'; a field that does not exist is an error."""
   *parents, leaf = dotted.split('.')
-  for p in parents:
-    config = config[p]
-  config[leaf] = value
+  node = config
+  for key in parents:
+    node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ValueError(f'{dotted!r}: the config has no such field.')
+  node[leaf] = value

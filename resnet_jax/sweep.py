@@ -25,6 +25,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from resnet_jax import cli
+
 
 def load_sweep(config_path: str) -> dict[str, dict[str, Any]]:
   """{member name: overrides} from the sweep file's get_sweep()."""
@@ -55,13 +57,10 @@ def member_config(base: ml_collections.ConfigDict, overrides: dict[str, Any]
   config = base.copy_and_resolve_references()
   config.unlock()
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f'Sweep override {key!r}: the config has no field {leaf!r}.')
-    node[leaf] = value
+    try:
+      cli.set_field(config, key, value)
+    except ValueError as e:
+      raise ValueError(f'Sweep override {e}') from None
   return config.lock()
 
 

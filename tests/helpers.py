@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from configs import default
+from resnet_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,11 +22,7 @@ def small_config(**overrides):
   config.schedule.name = 'constant'
   config.data.prefetch = 1
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    cli.set_field(config, key, value)
   return config
 
 
