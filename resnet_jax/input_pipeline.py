@@ -1,10 +1,11 @@
 """tfds -> tf.data -> per-host numpy batches.
 
 The train split is cut into one shard per device; each host reads the shards
-of its own devices and yields its part of the global batch. Training batches are a deterministic function of (seed, step): epoch e
-shuffles with a seed derived from (seed, e) and every example's augmentation
-uses a stateless seed derived from (seed, e, position), so a run resumed at
-step s sees exactly the batches an uninterrupted run sees from step s on.
+of its own devices and yields its part of the global batch. Training batches
+are a deterministic function of (seed, step): epoch e of a shard shuffles with
+a seed derived from (seed, shard, e) and every example's augmentation uses a
+stateless seed derived from that and its position, so a run resumed at step s
+sees exactly the batches an uninterrupted run sees from step s on.
 Evaluation visits every example of a split exactly once (padded with masked
 examples so that every host runs the same number of steps).
 """
