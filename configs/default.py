@@ -25,7 +25,7 @@ def get_config() -> config_dict.ConfigDict:
   c.model.bn_group_size = 0
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
-  # Store residual blocks' outputs (exact; faster on XLA:CPU). None: on CPUs only.
+  # Store the activations that feed convs (exact; faster on XLA:CPU). None: on CPUs only.
   c.model.materialize_blocks = config_dict.placeholder(bool)
 
   # --- Data (resnet_jax.input_pipeline). ---

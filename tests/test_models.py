@@ -260,12 +260,32 @@ def test_models_import_without_tensorflow_tfds_or_clu():
   assert out.stdout.strip() == '269722'
 
 
-def test_materialize_is_an_exact_identity_with_identity_gradient():
-  for channels in (16, 24, 64, 2048):
+def test_store_is_an_exact_identity_with_identity_gradient():
+  for channels, flag in ((16, True), (64, False)):
     x = jax.random.normal(jax.random.key(channels), (2, 3, 3, channels))
-    np.testing.assert_array_equal(models.materialize(x), x)
+    flag = jnp.asarray(flag)
+    np.testing.assert_array_equal(models.store(x, flag), x)
+    np.testing.assert_array_equal(jax.jit(models.store)(x, flag), x)
     g = jax.random.normal(jax.random.key(1), x.shape)
-    np.testing.assert_array_equal(jax.vjp(models.materialize, x)[1](g)[0], g)
+    np.testing.assert_array_equal(jax.vjp(models.store, x, flag)[1](g)[0], g)
+
+
+def test_stored_activations_stay_conditionals_in_the_compiled_cpu_step():
+  """The speed-up needs XLA to keep the conditionals (a fusion barrier) on CPU."""
+  x = jnp.zeros((2, 16, 16, 3))
+  counts = []
+  for store in (False, True):
+    model = models.create_model('resnet20', 10, materialize_blocks=store)
+    variables = model.init(jax.random.key(1), x, train=False)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      return logits.sum()
+    hlo = jax.jit(jax.grad(loss)).lower(variables['params']).compile().as_text()
+    counts.append(hlo.count(' conditional('))
+  # The stem output, then per block the first ReLU output and the block output.
+  assert counts == [0, 1 + 2 * 9]
 
 
 def test_materialized_blocks_compute_the_same_function():
