@@ -7,6 +7,12 @@
 import os
 import sys
 
+from resnet_jax import malloc
+
+if __name__ == '__main__':
+  malloc.reexec_with_huge_pages()  # first: glibc reads it at start-up (resnet_jax/malloc.py)
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags

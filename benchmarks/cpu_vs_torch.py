@@ -5,7 +5,8 @@
 
 Both sides run the same network (ResNet-20, option A shortcuts, BN, SGD with
 momentum 0.9 and weight decay 1e-4) on the same synthetic batch of 32x32
-images, with the same number of CPU threads. resnet_jax runs each of its
+images, with the same number of CPU threads and the same malloc setting (huge
+pages, as run.py sets it: resnet_jax/malloc.py). resnet_jax runs each of its
 configurations in a fresh process (the XLA device count is fixed at start-up).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train_step  # pylint: disable=wrong-import-position
+from resnet_jax import malloc  # pylint: disable=wrong-import-position
 
 JAX_CASES = [  # parallel, devices
     ('jit', 1),
@@ -96,13 +98,15 @@ def torch_images_per_second(batch: int, threads: int, steps: int, channels_last:
 
 
 def main() -> None:
+  malloc.reexec_with_huge_pages()  # PyTorch runs in this process
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--steps', type=int, default=10)
   args = parser.parse_args()
   print(f'$ python {" ".join(sys.argv)}')
-  print(f'CPU: {_cpu_name()}, {args.threads} threads, ResNet-20, batch {args.batch}, 32x32')
+  print(f'CPU: {_cpu_name()}, {args.threads} threads, ResNet-20, batch {args.batch}, 32x32, '
+        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")}')
   print(f'{"implementation":44} {"img/s":>8}')
   try:
     for channels_last in (False, True):
@@ -112,7 +116,7 @@ def main() -> None:
       print(f'{name:44} {ips:8.1f}', flush=True)
   except ImportError:
     print('PyTorch is not installed: pip install torch==2.13.0 (CPU build)')
-  step_args = argparse.Namespace(steps=args.steps, warmup=2, dtype='float32')
+  step_args = argparse.Namespace(steps=args.steps, warmup=2, dtype='float32', huge_pages=True)
   for parallel, devices in JAX_CASES:
     r = train_step.run_case(step_args, 'resnet20', args.batch, 32, parallel, devices)
     name = f'resnet_jax {parallel}, {devices} XLA CPU device{"s" if devices > 1 else ""}'

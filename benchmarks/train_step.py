@@ -17,6 +17,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from resnet_jax import malloc  # pylint: disable=wrong-import-position
 
 DEFAULT_CASES = [  # model, batch, image, parallel, devices
     ('resnet20', 128, 32, 'jit', 1),
@@ -35,7 +37,6 @@ def measure(model: str, batch: int, image: int, parallel: str, steps: int, warmu
   """Times the real train step of resnet_jax (this process's devices)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, REPO)
   from configs import default  # pylint: disable=import-outside-toplevel
   from resnet_jax import models, optim, parallel as par  # pylint: disable=import-outside-toplevel
 
@@ -75,7 +76,9 @@ def run_case(args, model, batch, image, parallel, devices) -> dict:
          f'--batch={batch}', f'--image={image}', f'--parallel={parallel}',
          f'--devices={devices}', f'--steps={args.steps}', f'--warmup={args.warmup}',
          f'--dtype={args.dtype}']
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  env = (malloc.environ_with_huge_pages(os.environ) if args.huge_pages
+         else {**os.environ, 'GLIBC_TUNABLES': f'{malloc.TUNABLE}=0'})
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   if out.returncode:
     raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
@@ -92,6 +95,8 @@ def main() -> None:
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--huge_pages', action=argparse.BooleanOptionalAction, default=True,
+                      help='glibc malloc with huge pages, as run.py sets it (resnet_jax/malloc.py)')
   parser.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
