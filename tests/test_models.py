@@ -270,39 +270,36 @@ def test_store_is_an_exact_identity_with_identity_gradient():
     np.testing.assert_array_equal(jax.vjp(models.store, x, flag)[1](g)[0], g)
 
 
+def _resnet20_loss_and_grad(store, x):
+  """Jitted (loss, logits), grads of ResNet-20 in training mode, and its parameters."""
+  labels = jnp.arange(x.shape[0]) % 10
+  model = models.create_model('resnet20', 10, materialize_blocks=store)
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), labels]), logits
+  return jax.jit(jax.value_and_grad(loss, has_aux=True)), variables['params']
+
+
 def test_stored_activations_stay_conditionals_in_the_compiled_cpu_step():
   """The speed-up needs XLA to keep the conditionals (a fusion barrier) on CPU."""
-  x = jnp.zeros((2, 16, 16, 3))
   counts = []
   for store in (False, True):
-    model = models.create_model('resnet20', 10, materialize_blocks=store)
-    variables = model.init(jax.random.key(1), x, train=False)
-
-    def loss(params):
-      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                              mutable=['batch_stats'])
-      return logits.sum()
-    hlo = jax.jit(jax.grad(loss)).lower(variables['params']).compile().as_text()
-    counts.append(hlo.count(' conditional('))
+    fn, params = _resnet20_loss_and_grad(store, jnp.zeros((2, 16, 16, 3)))
+    counts.append(fn.lower(params).compile().as_text().count(' conditional('))
   # The stem output, then per block the first ReLU output and the block output.
   assert counts == [0, 1 + 2 * 9]
 
 
 def test_materialized_blocks_compute_the_same_function():
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-  labels = jnp.arange(4) % 10
   results = []
   for store in (False, True):
-    model = models.create_model('resnet20', 10, materialize_blocks=store)
-    variables = model.init(jax.random.key(1), x, train=False)
-
-    def loss(params):
-      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                              mutable=['batch_stats'])
-      return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
-    results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params']))
-  (_, logits_a), grads_a = results[0]
-  (_, logits_b), grads_b = results[1]
+    fn, params = _resnet20_loss_and_grad(store, x)
+    results.append(fn(params))
+  ((_, logits_a), grads_a), ((_, logits_b), grads_b) = results
   np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_a,
                grads_b)
