@@ -43,8 +43,9 @@ def reexec_with_huge_pages() -> None:
   """
   if not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc':
     return
-  if TUNABLE in os.environ.get('GLIBC_TUNABLES', '') or not sys.executable:
+  env = environ_with_huge_pages(os.environ)
+  if env.get('GLIBC_TUNABLES') == os.environ.get('GLIBC_TUNABLES') or not sys.executable:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, environ_with_huge_pages(os.environ))
+  os.execve(sys.executable, sys.orig_argv, env)

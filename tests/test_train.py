@@ -73,10 +73,10 @@ def test_jit_and_pmap_give_the_same_numbers(bn_group_size):
   """
   assert jax.device_count() == 8
   batches = _batches(4, 16, seed=1)
-  strategies = {mode: _strategy(helpers.small_config(
-      parallel=mode, batch_size=16, **{'model.bn_group_size': bn_group_size}))
-      for mode in ('jit', 'pmap')}
-  jit, pmap = strategies['jit'], strategies['pmap']
+  configs = {mode: helpers.small_config(parallel=mode, batch_size=16,
+                                        **{'model.bn_group_size': bn_group_size})
+             for mode in ('jit', 'pmap')}
+  jit, pmap = _strategy(configs['jit']), _strategy(configs['pmap'])
   state = jit.init_state(jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, jit.to_host(state),
                pmap.to_host(pmap.init_state(jax.random.key(0))))
@@ -91,10 +91,8 @@ def test_jit_and_pmap_give_the_same_numbers(bn_group_size):
     _assert_trees_close(pmap.to_host(pmap_state), jit.to_host(state), rtol=1e-5)
   assert int(state.step) == 4
   # The free-running losses agree too.
-  _, jit_losses = _train(helpers.small_config(parallel='jit', batch_size=16,
-                                              **{'model.bn_group_size': bn_group_size}), batches)
-  _, pmap_losses = _train(helpers.small_config(parallel='pmap', batch_size=16,
-                                               **{'model.bn_group_size': bn_group_size}), batches)
+  _, jit_losses = _train(configs['jit'], batches)
+  _, pmap_losses = _train(configs['pmap'], batches)
   np.testing.assert_allclose(pmap_losses, jit_losses, rtol=1e-5)
   # The two BN semantics really differ: ghost statistics give other running statistics.
   if bn_group_size:
