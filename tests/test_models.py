@@ -219,6 +219,39 @@ def test_ghost_batch_norm_equals_normalising_each_group_alone():
         variables, x, mutable=['batch_stats'])
 
 
+@pytest.mark.parametrize('group_size', [0, 4])
+def test_fast_variance_batch_norm_matches_two_passes_with_one_collective(group_size):
+  # Per-channel means of a few units, as after a conv; 2 "devices" via vmap.
+  x = (jax.random.normal(jax.random.key(0), (2, 8, 4, 4, 3)) * jnp.array([1.0, 0.5, 2.0])
+       + jnp.array([3.0, -1.0, 0.0]))
+  results, collectives = {}, {}
+  for fast in (False, True):
+    bn = models.BatchNorm(use_running_average=False, group_size=group_size, axis_name='d',
+                          fast_variance=fast)
+    variables = bn.init(jax.random.key(0), x[0])
+    apply = jax.vmap(lambda v, bn=bn, variables=variables: bn.apply(
+        variables, v, mutable=['batch_stats']), axis_name='d')
+    results[fast] = apply(x)
+    jaxpr = str(jax.make_jaxpr(apply)(x))
+    collectives[fast] = jaxpr.count('psum')
+  (y2, stats2), (y1, stats1) = results[False], results[True]
+  np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
+  for key in ('mean', 'var'):
+    np.testing.assert_allclose(stats1['batch_stats'][key], stats2['batch_stats'][key], rtol=1e-5)
+  # Whole-batch sync: mean and E[x^2] in one collective instead of two; ghost BN
+  # syncs only the running statistics, in one collective either way.
+  assert collectives == {False: 2 if group_size == 0 else 1, True: 1}, collectives
+
+
+def test_fast_variance_is_the_default_off_cpus_only(monkeypatch):
+  def fast(**options):
+    net = models.create_model('resnet20', 10, **options)
+    return models.batch_norm(net, train=True).keywords['fast_variance']
+  assert (fast(), fast(bn_fast_variance=True)) == (False, True)  # this CPU backend
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert (fast(), fast(bn_fast_variance=False)) == (True, False)
+
+
 def test_ghost_batch_norm_in_a_network():
   model = models.create_model('resnet20', 10, bn_group_size=2)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
