@@ -34,6 +34,8 @@ class BatchNorm(nn.Module):
   step over a global batch can reproduce it exactly. The running statistics
   average the groups' statistics (and the devices' ones, over `axis_name`), so
   every replica holds the same running statistics in either mode.
+  `fast_variance` computes the variance as E[x^2] - E[x]^2 in one pass (and
+  one collective) instead of E[(x - E[x])^2] in two.
   """
   use_running_average: bool
   momentum: float = 0.9
