@@ -6,7 +6,7 @@
 
 Needs only jax (with CUDA), flax and optax: synthetic data lives on the device,
 and resnet_jax's model and step modules import neither TensorFlow nor tfds,
-clu or ml_collections. Prints, per dtype, images/s, step time, compile time
+clu or ml_collections. Prints, per case, images/s, step time, compile time
 and MFU: model FLOPs (3 x 2 x the conv and dense multiply-adds per image, by
 `resnet_jax.summary`, times the batch) per step time over --peak_tflops (the
 default 790 is an H200's measured bf16 matrix rate, used for both dtypes).
