@@ -44,6 +44,20 @@ CASE_OPTIONS = {'fast_variance': {'bn_fast_variance': True},
                 'stride3x3': {'bottleneck_stride': '3x3'}}
 
 
+def parse_case(case: str) -> tuple[str, dict]:
+  """'bfloat16+fast_variance' -> ('bfloat16', {'bn_fast_variance': True}); errors say why."""
+  from resnet_jax import models  # pylint: disable=import-outside-toplevel
+  dtype, *extras = case.split('+')
+  if dtype not in models.DTYPES:
+    raise ValueError(f'case {case!r}: dtype must be one of {", ".join(models.DTYPES)} '
+                     '(or the case "torch")')
+  unknown = set(extras) - set(CASE_OPTIONS)
+  if unknown:
+    raise ValueError(f'case {case!r}: unknown option(s) {", ".join(sorted(unknown))}; '
+                     f'known: {", ".join(CASE_OPTIONS)}')
+  return dtype, {k: v for extra in extras for k, v in CASE_OPTIONS[extra].items()}
+
+
 def train_flops(model, image: int) -> float:
   """FLOPs of one training image: forward plus a backward of twice its cost."""
   from resnet_jax import summary  # pylint: disable=import-outside-toplevel
@@ -66,12 +80,7 @@ def bench_jax(model_name: str, batch: int, image: int, case: str, steps: int,
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from resnet_jax import models, optim, steps as steps_lib  # pylint: disable=import-outside-toplevel
 
-  dtype, *extras = case.split('+')
-  unknown = set(extras) - set(CASE_OPTIONS)
-  if unknown:
-    raise ValueError(f'unknown case option(s) {sorted(unknown)} in {case!r}; '
-                     f'known: {", ".join(CASE_OPTIONS)}')
-  options = {k: v for extra in extras for k, v in CASE_OPTIONS[extra].items()}
+  dtype, options = parse_case(case)
   config = bench_config()
   model = models.create_model(model_name, 1000, dtype=dtype, **options)
   tx = optim.create_optimizer(config)
@@ -100,8 +109,7 @@ def bench_jax(model_name: str, batch: int, image: int, case: str, steps: int,
       jax.block_until_ready(metrics)
   return {'name': f'resnet_jax {model_name} {case}', 'img_per_s': batch / step_s,
           'step_ms': 1e3 * step_s, 'compile_s': compile_s,
-          'mfu': train_flops(model, image) * batch / step_s / (peak_tflops * 1e12),
-          'device': str(jax.devices()[0].device_kind)}
+          'mfu': train_flops(model, image) * batch / step_s / (peak_tflops * 1e12)}
 
 
 def bench_torch(model_name: str, batch: int, image: int, steps: int,
@@ -125,12 +133,8 @@ def bench_torch(model_name: str, batch: int, image: int, steps: int,
     x = torch.randn(batch, 3, image, image, device=device).contiguous(
         memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
-    forward = model
-    if compiled:
-      try:
-        forward = torch.compile(model)
-      except Exception:  # pylint: disable=broad-except
-        continue
+    forward = torch.compile(model) if compiled else model
+    name = f'torch {model_name} bf16 autocast, channels_last{", compile" if compiled else ""}'
 
     def step():
       optimizer.zero_grad(set_to_none=True)
@@ -150,15 +154,12 @@ def bench_torch(model_name: str, batch: int, image: int, steps: int,
       for _ in range(steps):
         step()
       _sync(torch, device)
-    except Exception as e:  # pylint: disable=broad-except  (torch.compile may fail here)
-      print(f'torch {"compile" if compiled else "eager"} failed: {type(e).__name__}: {e}')
+    except Exception:  # pylint: disable=broad-except  (torch.compile may fail here)
+      yield {'name': name, 'error': traceback.format_exc()}
       continue
     step_s = (time.perf_counter() - start) / steps
-    yield {'name': f'torch {model_name} bf16 autocast, channels_last'
-                   f'{", compile" if compiled else ""}',
-           'img_per_s': batch / step_s, 'step_ms': 1e3 * step_s,
-           'compile_s': first - step_s, 'mfu': flops * batch / step_s / (peak_tflops * 1e12),
-           'device': device}
+    yield {'name': name, 'img_per_s': batch / step_s, 'step_ms': 1e3 * step_s,
+           'compile_s': first - step_s, 'mfu': flops * batch / step_s / (peak_tflops * 1e12)}
 
 
 def _sync(torch, device):
@@ -183,6 +184,14 @@ def _print_row(r: dict) -> None:
         f'{mfu:>6}', flush=True)
 
 
+def _rows(case: str, args: argparse.Namespace) -> Iterator[dict]:
+  if case == 'torch':
+    yield from bench_torch(args.model, args.batch, args.image, args.steps, args.peak_tflops)
+  else:
+    yield bench_jax(args.model, args.batch, args.image, case, args.steps, args.peak_tflops,
+                    args.trace_dir)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--model', default='resnet50')
@@ -204,21 +213,25 @@ def main() -> None:
         f'{_versions()}', flush=True)
   print(f'{"implementation":66} {"img/s":>9} {"step ms":>9} {"compile s":>9} {"MFU":>6}',
         flush=True)
+  cases = [c for c in args.cases.split(',') if not (c == 'torch' and args.no_torch)]
+  for case in cases:  # every case checked before any device time is spent
+    if case != 'torch':
+      try:
+        parse_case(case)
+      except ValueError as e:
+        parser.error(str(e))
   failures = 0
-  for case in args.cases.split(','):
-    if case == 'torch':
-      if not args.no_torch:
-        for row in bench_torch(args.model, args.batch, args.image, args.steps, args.peak_tflops):
-          _print_row(row)
-      continue
+  for case in cases:
     try:
-      row = bench_jax(args.model, args.batch, args.image, case, args.steps, args.peak_tflops,
-                      args.trace_dir)
+      for row in _rows(case, args):
+        if 'error' in row:
+          failures += 1
+          print(f'{row["name"]} failed:\n{row["error"]}', flush=True)
+        else:
+          _print_row(row)
     except Exception:  # pylint: disable=broad-except  (report it and run the other cases)
       failures += 1
-      print(f'resnet_jax {case} failed:\n{traceback.format_exc()}', flush=True)
-      continue
-    _print_row(row)
+      print(f'{args.model} case {case} failed:\n{traceback.format_exc()}', flush=True)
   import jax  # pylint: disable=import-outside-toplevel
   print(f'device: {jax.devices()[0].device_kind}', flush=True)
   if failures:

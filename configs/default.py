@@ -25,8 +25,9 @@ def get_config() -> config_dict.ConfigDict:
   c.model.bn_group_size = 0
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
-  # BN variance in one pass, E[x^2] - E[x]^2 in float32 (one read of x and one
-  # collective fewer) or two (exact for large means). None: one pass on GPU/TPU.
+  # BN variance in one pass, E[x^2] - E[x]^2 in float32 (one read of x fewer, and
+  # one collective fewer where BN syncs over pmap devices) or in two (exact for
+  # large means). None: one pass on GPU/TPU, two on CPU.
   c.model.bn_fast_variance = config_dict.placeholder(bool)
   # Store the activations that feed convs (exact; faster on XLA:CPU). None: on CPUs only.
   c.model.materialize_blocks = config_dict.placeholder(bool)
