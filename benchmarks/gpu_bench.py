@@ -31,8 +31,6 @@ import traceback
 import types
 from typing import Iterator
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # JAX would take 75% of the GPU's memory at start; leave half to PyTorch's run.
 os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
@@ -76,6 +74,7 @@ def bench_config(lr: float = 0.1) -> types.SimpleNamespace:
 
 def bench_jax(model_name: str, batch: int, image: int, case: str, steps: int,
               peak_tflops: float, trace_dir: str = '') -> dict:
+  """The row of one resnet_jax case (see `parse_case`), measured on the default device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from resnet_jax import models, optim, steps as steps_lib  # pylint: disable=import-outside-toplevel
@@ -123,7 +122,7 @@ def bench_torch(model_name: str, batch: int, image: int, steps: int,
     return
   from resnet_jax import models  # pylint: disable=import-outside-toplevel
   # torchvision's bottleneck nets stride the 3x3 conv ("v1.5"): count their FLOPs so.
-  options = ({'bottleneck_stride': '3x3'}
+  options = (CASE_OPTIONS['stride3x3']
              if 'bottleneck_stride' in models.model_options(model_name) else {})
   flops = train_flops(models.create_model(model_name, 1000, **options), image)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -179,9 +178,8 @@ def _versions() -> str:
 
 
 def _print_row(r: dict) -> None:
-  mfu = '-' if np.isnan(r['mfu']) else f'{100 * r["mfu"]:.1f}%'
   print(f'{r["name"]:66} {r["img_per_s"]:9.1f} {r["step_ms"]:9.1f} {r["compile_s"]:9.1f} '
-        f'{mfu:>6}', flush=True)
+        f'{100 * r["mfu"]:5.1f}%', flush=True)
 
 
 def _rows(case: str, args: argparse.Namespace) -> Iterator[dict]:
