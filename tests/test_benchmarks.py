@@ -24,3 +24,19 @@ def test_gpu_bench_runs_with_only_jax_flax_optax():
   rows = [line for line in out.stdout.splitlines() if line.startswith('resnet_jax resnet18')]
   assert [row.split()[2] for row in rows] == ['bfloat16', 'float32']
   assert all(float(row.split()[3]) > 0 for row in rows)  # images/s
+
+
+def test_cpu_step_profile_groups_the_traced_ops():
+  script = os.path.join(helpers.REPO, 'benchmarks', 'cpu_step_profile.py')
+  out = subprocess.run([sys.executable, script, '--batch=4', '--image=8', '--steps=1'],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line.split(None, 3) for line in out.stdout.splitlines()[3:]]
+  groups = {row[3]: float(row[0]) for row in rows}
+  convs = [g for g in groups if g.startswith('conv ')]
+  # Forward, input- and kernel-gradient convolutions of ResNet-20, each timed.
+  assert any(g.endswith('-> f32[4,8,8,16]') for g in convs), groups
+  assert any(g.endswith('-> f32[16,3,3,16]') for g in convs), groups
+  assert all(ms > 0 for ms in groups.values())
+  total = float(out.stdout.splitlines()[1].split('ops ')[1].split()[0])
+  assert abs(total - sum(groups.values())) <= 0.05 * len(groups) + 0.01  # rows rounded to 0.1

@@ -1,0 +1,143 @@
+"""Where the CPU train step's time goes: each XLA op's time on one core, grouped.
+
+    python benchmarks/cpu_step_profile.py [--model resnet20] [--batch 128] [--image 32]
+
+Pins itself to one CPU core and runs the real train step (jit, one XLA
+device): XLA:CPU then runs every op inline, one after the other, so each op's
+time in the profiler trace is its own (on more cores, convolutions on XLA's
+Eigen path run asynchronously and their trace events show almost nothing).
+The trace's per-op times are matched by name to the compiled step's HLO and
+grouped: convolutions by path (YNNPACK fusion or Eigen), window and output
+shape (a window as large as the feature map, with the kernel's shape as
+output, is a kernel gradient); then transposes, reductions and other fusions. Time the whole step
+with benchmarks/train_step.py; this script is for finding what to speed up.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from resnet_jax import malloc  # pylint: disable=wrong-import-position
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+  """Maps each instruction of the entry computation to a group name."""
+  bodies = {m.group(1): m.group(2) for m in
+            re.finditer(r'\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo_text, re.S)}
+  entry = hlo_text[hlo_text.index('\nENTRY'):]
+  kinds = {}
+  for line in entry.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = \S+ ([\w\-]+)\(', line)
+    if not m:
+      continue
+    name, opcode = m.groups()
+    called = re.search(r'calls=%([\w.\-]+)', line)
+    body = bodies.get(called.group(1), '') if called else line
+    conv = re.search(r'= (\w+\[[\d,]*\])\S* convolution\(.*?(window=\{[^}]*\}).*?'
+                     r'(dim_labels=[\w>\-]+)', body)
+    if conv:
+      path = 'YNNPACK' if called else 'Eigen'
+      kinds[name] = f'conv {path} {conv.group(2)} {conv.group(3)} -> {conv.group(1)}'
+    elif opcode == 'dot' or ' dot(' in body:
+      kinds[name] = 'dot'
+    elif 'transpose' in name or ('copy' in name and opcode == 'fusion'):
+      kinds[name] = 'transpose/copy'
+    elif ' reduce(' in body or ' reduce-window(' in body:
+      kinds[name] = 'reduction fusion'
+    elif opcode in ('all-reduce', 'psum', 'all-gather', 'reduce-scatter'):
+      kinds[name] = 'collective'
+    elif opcode == 'fusion':
+      kinds[name] = 'elementwise fusion'
+    else:
+      kinds[name] = opcode
+  return kinds
+
+
+def op_times(trace_dir: str) -> dict[str, float]:
+  """Total microseconds per op name on XLA's compute threads, from a jax.profiler trace."""
+  path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)['traceEvents']
+  threads = {(e['pid'], e.get('tid')): e['args']['name'] for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  times = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and 'XLAEigen' in threads.get((e['pid'], e['tid']), ''):
+      times[e['name']] += e['dur']
+  return times
+
+
+def main() -> None:
+  malloc.reexec_with_huge_pages()
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--model', default='resnet20')
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--image', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 warm-up)')
+  parser.add_argument('--cpu', type=int, default=min(os.sched_getaffinity(0)),
+                      help='the core to run on')
+  parser.add_argument('--rows', type=int, default=25, help='groups to print')
+  args = parser.parse_args()
+  os.sched_setaffinity(0, {args.cpu})  # before jax starts its thread pools
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from resnet_jax import models, optim, parallel  # pylint: disable=import-outside-toplevel
+
+  config = default.get_config()
+  config.model.name, config.parallel = args.model, 'jit'
+  config.batch_size = config.eval_batch_size = args.batch
+  strategy = parallel.create(
+      config, lambda axis: models.create_model_from_config(
+          config.model, 10 if args.image <= 64 else 1000, bn_axis_name=axis),
+      optim.create_optimizer(config), optim.schedule_fn(config, 100, 1000),
+      (args.image, args.image, 3))
+  state = strategy.init_state(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = strategy.put_batch({
+      'image': rng.normal(size=(args.batch, args.image, args.image, 3)).astype(np.float32),
+      'label': rng.integers(0, 10, args.batch).astype(np.int32)})
+  compiled = strategy.train_step.lower(state, batch).compile()
+  for _ in range(2):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+    wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    times = op_times(trace_dir)
+
+  kinds = op_kinds(compiled.as_text())
+  groups = collections.defaultdict(lambda: [0, 0.0])
+  for name, kind in kinds.items():
+    groups[kind][0] += 1
+    groups[kind][1] += times.get(name, 0.0) / 1e3 / args.steps
+  unmatched = sum(t for name, t in times.items() if name not in kinds) / 1e3 / args.steps
+  groups = {kind: v for kind, v in groups.items() if v[1] >= 0.05}
+  total = sum(ms for _, ms in groups.values())
+  print(f'$ python {" ".join(sys.argv)}')
+  print(f'{args.model}, batch {args.batch}, {args.image}x{args.image}, float32, one XLA device '
+        f'pinned to core {args.cpu}, jax {jax.__version__}: ops {total:.1f} ms per step '
+        f'({wall_ms:.1f} ms wall under the profiler; {unmatched:.1f} ms in events that are '
+        'not entry ops: runtime work and ops inside conditionals)')
+  print(f'{"ms/step":>8} {"share":>6} {"ops":>4}  group')
+  for kind, (count, ms) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:args.rows]:
+    print(f'{ms:8.1f} {ms / total:6.1%} {count:4d}  {kind}')
+
+
+if __name__ == '__main__':
+  main()
