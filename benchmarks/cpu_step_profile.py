@@ -25,8 +25,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import train_step  # pylint: disable=wrong-import-position
 from resnet_jax import malloc  # pylint: disable=wrong-import-position
 
 
@@ -87,28 +88,17 @@ def main() -> None:
   parser.add_argument('--cpu', type=int, default=min(os.sched_getaffinity(0)),
                       help='the core to run on')
   parser.add_argument('--rows', type=int, default=25, help='groups to print')
+  parser.add_argument('--model_options', type=train_step.parse_model_options, default={},
+                      metavar='KEY=VALUE,...',
+                      help='config.model options, e.g. pad_narrow_convs=False')
   args = parser.parse_args()
   os.sched_setaffinity(0, {args.cpu})  # before jax starts its thread pools
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from configs import default  # pylint: disable=import-outside-toplevel
-  from resnet_jax import models, optim, parallel  # pylint: disable=import-outside-toplevel
 
-  config = default.get_config()
-  config.model.name, config.parallel = args.model, 'jit'
-  config.batch_size = config.eval_batch_size = args.batch
-  strategy = parallel.create(
-      config, lambda axis: models.create_model_from_config(
-          config.model, 10 if args.image <= 64 else 1000, bn_axis_name=axis),
-      optim.create_optimizer(config), optim.schedule_fn(config, 100, 1000),
-      (args.image, args.image, 3))
-  state = strategy.init_state(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  batch = strategy.put_batch({
-      'image': rng.normal(size=(args.batch, args.image, args.image, 3)).astype(np.float32),
-      'label': rng.integers(0, 10, args.batch).astype(np.int32)})
-  compiled = strategy.train_step.lower(state, batch).compile()
+  step, state, (batch, _) = train_step.build(args.model, args.batch, args.image, 'jit',
+                                             'float32', args.model_options)
+  compiled = step.lower(state, batch).compile()
   for _ in range(2):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
@@ -126,14 +116,12 @@ def main() -> None:
   for name, kind in kinds.items():
     groups[kind][0] += 1
     groups[kind][1] += times.get(name, 0.0) / 1e3 / args.steps
-  unmatched = sum(t for name, t in times.items() if name not in kinds) / 1e3 / args.steps
   groups = {kind: v for kind, v in groups.items() if v[1] >= 0.05}
   total = sum(ms for _, ms in groups.values())
   print(f'$ python {" ".join(sys.argv)}')
   print(f'{args.model}, batch {args.batch}, {args.image}x{args.image}, float32, one XLA device '
         f'pinned to core {args.cpu}, jax {jax.__version__}: ops {total:.1f} ms per step '
-        f'({wall_ms:.1f} ms wall under the profiler; {unmatched:.1f} ms in events that are '
-        'not entry ops: runtime work and ops inside conditionals)')
+        f'({wall_ms:.1f} ms wall under the profiler)')
   print(f'{"ms/step":>8} {"share":>6} {"ops":>4}  group')
   for kind, (count, ms) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:args.rows]:
     print(f'{ms:8.1f} {ms / total:6.1%} {count:4d}  {kind}')

@@ -10,6 +10,7 @@ plus the command that made the table.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -32,9 +33,24 @@ DEFAULT_CASES = [  # model, batch, image, parallel, devices
 ]
 
 
-def measure(model: str, batch: int, image: int, parallel: str, steps: int, warmup: int,
-            dtype: str) -> dict:
-  """Times the real train step of resnet_jax (this process's devices)."""
+def parse_model_options(text: str) -> dict:
+  """'key=value,key2=value2' (Python literals) -> config.model options."""
+  options = {}
+  for item in filter(None, text.split(',')):
+    key, sep, value = item.partition('=')
+    try:
+      if not sep:
+        raise ValueError
+      options[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError) as e:
+      raise argparse.ArgumentTypeError(
+          f'{item!r}: expected KEY=VALUE with a Python literal value') from e
+  return options
+
+
+def build(model: str, batch: int, image: int, parallel: str, dtype: str,
+          model_options: dict | None = None) -> tuple:
+  """The real train step of resnet_jax, its initial state and two synthetic batches."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
@@ -42,6 +58,8 @@ def measure(model: str, batch: int, image: int, parallel: str, steps: int, warmu
 
   config = default.get_config()
   config.model.name, config.model.dtype = model, dtype
+  for key, value in (model_options or {}).items():
+    config.model[key] = value
   config.batch_size = config.eval_batch_size = batch
   config.parallel = parallel
   schedule = optim.schedule_fn(config, 100, 1000)
@@ -53,16 +71,24 @@ def measure(model: str, batch: int, image: int, parallel: str, steps: int, warmu
   batches = [strategy.put_batch({
       'image': rng.normal(size=(batch, image, image, 3)).astype(np.float32),
       'label': rng.integers(0, 10, batch).astype(np.int32)}) for _ in range(2)]
+  return strategy.train_step, state, batches
+
+
+def measure(model: str, batch: int, image: int, parallel: str, steps: int, warmup: int,
+            dtype: str) -> dict:
+  """Times the real train step of resnet_jax (this process's devices)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  train_step, state, batches = build(model, batch, image, parallel, dtype)
   start = time.perf_counter()
-  state, metrics = strategy.train_step(state, batches[0])
+  state, metrics = train_step(state, batches[0])
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   for i in range(warmup):
-    state, metrics = strategy.train_step(state, batches[i % 2])
+    state, metrics = train_step(state, batches[i % 2])
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for i in range(steps):
-    state, metrics = strategy.train_step(state, batches[i % 2])
+    state, metrics = train_step(state, batches[i % 2])
   jax.block_until_ready(metrics)
   step_time = (time.perf_counter() - start) / steps
   return {'model': model, 'batch': batch, 'image': image, 'parallel': parallel,

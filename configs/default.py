@@ -31,6 +31,10 @@ def get_config() -> config_dict.ConfigDict:
   c.model.bn_fast_variance = config_dict.placeholder(bool)
   # Store the activations that feed convs (exact; faster on XLA:CPU). None: on CPUs only.
   c.model.materialize_blocks = config_dict.placeholder(bool)
+  # Pad 16-feature conv inputs to 20 features (exact; XLA:CPU's fast kernels
+  # take only convs with more than 16). None: on CPUs with at most one core per
+  # XLA device (faster there; one device on many cores is faster without).
+  c.model.pad_narrow_convs = config_dict.placeholder(bool)
 
   # --- Data (resnet_jax.input_pipeline). ---
   c.data = config_dict.ConfigDict()

@@ -28,7 +28,8 @@ def test_gpu_bench_runs_with_only_jax_flax_optax():
 
 def test_cpu_step_profile_groups_the_traced_ops():
   script = os.path.join(helpers.REPO, 'benchmarks', 'cpu_step_profile.py')
-  out = subprocess.run([sys.executable, script, '--batch=4', '--image=8', '--steps=1'],
+  out = subprocess.run([sys.executable, script, '--batch=4', '--image=8', '--steps=1',
+                        '--model_options=pad_narrow_convs=False'],
                        capture_output=True, text=True, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [line.split(None, 3) for line in out.stdout.splitlines()[3:]]
@@ -40,3 +41,22 @@ def test_cpu_step_profile_groups_the_traced_ops():
   assert all(ms > 0 for ms in groups.values())
   total = float(out.stdout.splitlines()[1].split('ops ')[1].split()[0])
   assert abs(total - sum(groups.values())) <= 0.05 * len(groups) + 0.01  # rows rounded to 0.1
+
+
+def test_compare_options_times_each_variant_in_one_process():
+  script = os.path.join(helpers.REPO, 'benchmarks', 'compare_options.py')
+  out = subprocess.run([sys.executable, script, '--variant=pad_narrow_convs=False',
+                        '--variant=', '--batch=4', '--image=8', '--steps=1', '--blocks=2'],
+                       capture_output=True, text=True, check=False,
+                       env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'jit on 2 XLA device(s)' in out.stdout
+  rows = out.stdout.splitlines()[3:]
+  assert [row.split()[0] for row in rows] == ['pad_narrow_convs=False', 'defaults']
+  for row in rows:
+    ips, cpu_ms, system_ms, *blocks = row.split()[1:]
+    assert float(ips) > 0 and float(cpu_ms) > 0 and 0 <= float(system_ms) <= float(cpu_ms)
+    assert len(blocks) == 2
+  bad = subprocess.run([sys.executable, script, '--variant=pad_narrow_convs'],
+                       capture_output=True, text=True, check=False)
+  assert bad.returncode == 2 and 'expected KEY=VALUE' in bad.stderr

@@ -1,4 +1,5 @@
 """The paper's networks: exact parameter counts, multiply-adds, shortcuts, BN."""
+import os
 import subprocess
 import sys
 
@@ -306,10 +307,10 @@ def test_store_is_an_exact_identity_with_identity_gradient():
     np.testing.assert_array_equal(jax.vjp(models.store, x, flag)[1](g)[0], g)
 
 
-def _resnet20_loss_and_grad(store, x):
+def _resnet20_loss_and_grad(store, x, **options):
   """Jitted (loss, logits), grads of ResNet-20 in training mode, and its parameters."""
   labels = jnp.arange(x.shape[0]) % 10
-  model = models.create_model('resnet20', 10, materialize_blocks=store)
+  model = models.create_model('resnet20', 10, materialize_blocks=store, **options)
   variables = model.init(jax.random.key(1), x, train=False)
 
   def loss(params):
@@ -339,3 +340,76 @@ def test_materialized_blocks_compute_the_same_function():
   np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_a,
                grads_b)
+
+
+CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+@pytest.mark.parametrize('kernel_shape,strides,padded', [
+    ((3, 3, 16, 16), 1, True),    # CIFAR stage 1
+    ((3, 3, 16, 16), 2, True),
+    ((1, 1, 16, 8), 1, True),
+    ((3, 3, 16, 32), 2, False),   # YNNPACK takes it already
+    ((3, 3, 3, 16), 1, False),    # the stem: padding 3 features to 20 would cost more
+])
+def test_narrow_conv_padded_is_the_same_convolution(kernel_shape, strides, padded):
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, kernel_shape[2]))
+  w = jax.random.normal(jax.random.key(1), kernel_shape)
+
+  def loss(conv):
+    def fn(x, w):
+      y = conv(x, w, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=CONV_DIMS)
+      return jnp.sum(jnp.sin(y)), y
+    return jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))
+
+  (_, y_ref), grads_ref = loss(jax.lax.conv_general_dilated)(x, w)
+  (_, y), grads = loss(models.narrow_conv_padded)(x, w)
+  # Float32 rounding only: the sums run in another order (and the gradients
+  # take cos(y) of that y).
+  for a, ref in ((y, y_ref), *zip(grads, grads_ref)):
+    assert a.shape == ref.shape
+    np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+  jaxpr = str(jax.make_jaxpr(lambda x, w: models.narrow_conv_padded(
+      x, w, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=CONV_DIMS))(x, w))
+  assert ('pad[' in jaxpr) == padded
+  if padded:  # the conv sees 20 input features
+    assert 'f32[4,8,8,20]' in jaxpr
+
+
+def _entry_convolutions(compiled_text):
+  """Convolutions XLA:CPU runs on its Eigen path: those not inside a (YNNPACK) fusion."""
+  entry = compiled_text[compiled_text.index('\nENTRY'):]
+  return entry.count(' convolution(')
+
+
+def test_padded_narrow_convs_move_stage_one_to_the_fast_kernels_with_the_same_function():
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  results, eigen_convs = [], []
+  for pad in (False, True):
+    fn, params = _resnet20_loss_and_grad(True, x, pad_narrow_convs=pad)
+    eigen_convs.append(_entry_convolutions(fn.lower(params).compile().as_text()))
+    results.append(fn(params))
+  # Stage 1's six convs, forward and input gradient, leave the Eigen path.
+  assert eigen_convs[0] - eigen_convs[1] == 12
+  ((_, logits_a), grads_a), ((_, logits_b), grads_b) = results
+  np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_a,
+               grads_b)
+
+
+@pytest.mark.parametrize('backend,cores_per_device,padded', [
+    ('cpu', 1, True), ('cpu', 0.25, True), ('cpu', 2, False), ('gpu', 1, False)])
+def test_padded_narrow_convs_default_to_cpus_with_a_core_per_device(
+    monkeypatch, backend, cores_per_device, padded):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  monkeypatch.setattr(models, 'cpu_cores_per_device', lambda: cores_per_device)
+  model = models.create_model('resnet20', 10)
+  x = jnp.zeros((1, 8, 8, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+  assert ('f32[1,8,8,20]' in jaxpr) == padded
+
+
+def test_cpu_cores_per_device_counts_this_process_cores(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3}, raising=False)
+  assert models.cpu_cores_per_device() == 4 / jax.local_device_count()
