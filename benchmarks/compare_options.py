@@ -39,7 +39,15 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=10, help='steps per timed block')
   parser.add_argument('--blocks', type=int, default=6, help='timed blocks per variant')
   args = parser.parse_args()
+  if args.steps < 1 or args.blocks < 1:
+    parser.error('--steps and --blocks must be at least 1')
   import jax  # pylint: disable=import-outside-toplevel
+  from resnet_jax import models  # pylint: disable=import-outside-toplevel
+  for options in args.variant:  # fail on a typo before anything compiles
+    try:
+      models.check_options(args.model, dict(options))
+    except ValueError as e:
+      parser.error(str(e))
 
   runs = []
   for options in args.variant:
@@ -50,8 +58,8 @@ def main() -> None:
     jax.block_until_ready(metrics)
     runs.append({'options': options, 'step': step, 'state': state, 'batches': batches,
                  'blocks': []})
-  for _ in range(args.blocks):
-    for run in runs:
+  for block in range(args.blocks):
+    for run in runs if block % 2 == 0 else runs[::-1]:  # no variant always goes first
       usage = resource.getrusage(resource.RUSAGE_SELF)
       start = time.perf_counter()
       state = run['state']
@@ -67,7 +75,7 @@ def main() -> None:
 
   print(f'$ python {" ".join(sys.argv)}')
   print(f'{args.model}, batch {args.batch}, {args.image}x{args.image}, {args.dtype}, '
-        f'{args.parallel} on {jax.device_count()} XLA device(s), {os.cpu_count()} CPUs, '
+        f'{args.parallel} on {jax.device_count()} XLA device(s), {_cores()} CPU cores, '
         f'{args.blocks} blocks of {args.steps} steps per variant')
   print(f'{"variant":44} {"img/s":>7} {"CPU ms/step":>12} {"of it system":>12}  blocks (img/s)')
   for run in runs:
@@ -76,6 +84,12 @@ def main() -> None:
     name = ', '.join(f'{k}={v}' for k, v in run['options'].items()) or 'defaults'
     print(f'{name:44} {ips:7.1f} {user + system:12.0f} {system:12.0f}  '
           + ' '.join(f'{b[0]:.0f}' for b in run['blocks']))
+
+
+def _cores() -> int:
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))  # what taskset allows
+  return os.cpu_count() or 1
 
 
 if __name__ == '__main__':

@@ -66,7 +66,10 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
 
 def op_times(trace_dir: str) -> dict[str, float]:
   """Total microseconds per op name on XLA's compute threads, from a jax.profiler trace."""
-  path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True))[-1]
+  paths = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True))
+  if not paths:
+    raise SystemExit(f'jax.profiler wrote no trace file under {trace_dir}.')
+  path = paths[-1]
   with gzip.open(path) as f:
     events = json.load(f)['traceEvents']
   threads = {(e['pid'], e.get('tid')): e['args']['name'] for e in events
@@ -75,6 +78,9 @@ def op_times(trace_dir: str) -> dict[str, float]:
   for e in events:
     if e.get('ph') == 'X' and 'XLAEigen' in threads.get((e['pid'], e['tid']), ''):
       times[e['name']] += e['dur']
+  if not times:
+    raise SystemExit('The trace has no events from XLA:CPU compute threads (named XLAEigen); '
+                     'this jax version may name them differently.')
   return times
 
 
@@ -85,15 +91,20 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--image', type=int, default=32)
   parser.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 warm-up)')
-  parser.add_argument('--cpu', type=int, default=min(os.sched_getaffinity(0)),
-                      help='the core to run on')
+  parser.add_argument('--cpu', type=int, help='the core to run on (default: the first allowed)')
   parser.add_argument('--rows', type=int, default=25, help='groups to print')
   parser.add_argument('--model_options', type=train_step.parse_model_options, default={},
                       metavar='KEY=VALUE,...',
                       help='config.model options, e.g. pad_narrow_convs=False')
   args = parser.parse_args()
+  if not hasattr(os, 'sched_setaffinity'):
+    raise SystemExit('Pinning to one core needs os.sched_setaffinity (Linux).')
+  if args.cpu is None:
+    args.cpu = min(os.sched_getaffinity(0))
   os.sched_setaffinity(0, {args.cpu})  # before jax starts its thread pools
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=1').strip()
   import jax  # pylint: disable=import-outside-toplevel
 
   step, state, (batch, _) = train_step.build(args.model, args.batch, args.image, 'jit',

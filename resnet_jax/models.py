@@ -145,23 +145,31 @@ YNN_MIN_FEATURES = 17
 NARROW_CONV_PADDED_FEATURES = 20
 
 
-def narrow_conv_padded(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-  """`lax.conv_general_dilated` (channels last) that pads 16 input features to 20.
+def narrow_conv_padded(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                       padding: Any, *args: Any, **kwargs: Any) -> jax.Array:
+  """`lax.conv_general_dilated` that pads 16 channels-last input features to 20.
 
   Why: XLA:CPU runs a conv with 16 input and at most 16 output features (CIFAR
   stage 1) at half the speed of its YNNPACK kernels, which decline it. Zero
   features add exact zeros to every sum, so padding the input to 20 features
-  gives the same convolution (up to summation order) from YNNPACK, and its
-  input gradient (16 -> 20 features, the extra 4 dropped) too. The kernel
-  gradient keeps the unpadded form: it is already on YNNPACK. Any other conv,
-  and bfloat16 ones (YNNPACK convs are float32 only), pass through unchanged.
+  gives the same convolution (up to float32 summation order) from YNNPACK, and
+  its input gradient (16 -> 20 features, the extra 4 dropped) too. The tangent
+  rule keeps the kernel's term unpadded, so the kernel gradient (its transpose)
+  stays in the unpadded form, which is already on YNNPACK. Any other conv,
+  channels-first ones and bfloat16 ones (YNNPACK convs are float32 only) pass
+  through unchanged.
   """
   def conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, *args, **kwargs)
+    return jax.lax.conv_general_dilated(x, w, window_strides, padding, *args, **kwargs)
 
+  dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                         kwargs.get('dimension_numbers'))
+  channels_last = (dims.lhs_spec[1] == lhs.ndim - 1 and dims.rhs_spec[:2] == (rhs.ndim - 1,
+                                                                              rhs.ndim - 2))
   features, out_features = rhs.shape[-2:]
-  if (features != YNN_MIN_FEATURES - 1 or out_features >= YNN_MIN_FEATURES
-      or kwargs.get('feature_group_count', 1) != 1 or lhs.dtype != jnp.float32):
+  if (not channels_last or features != YNN_MIN_FEATURES - 1
+      or out_features >= YNN_MIN_FEATURES or kwargs.get('feature_group_count', 1) != 1
+      or kwargs.get('batch_group_count', 1) != 1 or lhs.dtype != jnp.float32):
     return conv(lhs, rhs)
   extra = NARROW_CONV_PADDED_FEATURES - features
 
@@ -170,20 +178,17 @@ def narrow_conv_padded(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any
     w = jnp.pad(w, [(0, 0)] * (w.ndim - 2) + [(0, extra), (0, 0)])
     return conv(x, w)
 
-  @jax.custom_vjp
+  @jax.custom_jvp
   def padded_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return padded(x, w)
 
-  def forward(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return padded(x, w), (x, w)
+  @padded_conv.defjvp
+  def _(primals: tuple[jax.Array, jax.Array],
+        tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x, w), (dx, dw) = primals, tangents
+    # Bilinear: the input's term padded, the kernel's unpadded (see above).
+    return padded(x, w), padded(dx, w) + conv(x, dw)
 
-  def backward(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, w = res  # the conv is linear in each argument: its gradients are transposes
-    dx, = jax.linear_transpose(lambda x: padded(x, w), x)(g)
-    dw, = jax.linear_transpose(lambda w: conv(x, w), w)(g)
-    return dx, dw
-
-  padded_conv.defvjp(forward, backward)
   return padded_conv(lhs, rhs)
 
 
@@ -196,10 +201,11 @@ def cpu_cores_per_device() -> float:
 def pad_narrow_convs_by_default() -> bool:
   """Whether `narrow_conv_padded` pays here: on CPUs with at most one core per device.
 
-  Measured on ResNet-20 (2-core AVX-512 machine, same process, alternating
-  steps): one device on one core 537 -> 511 ms of ops per step, 2 devices
-  +2-5% img/s, 4 devices +6%; but one device on 2 cores 311 -> 284 img/s, as
-  XLA spreads the Eigen-path conv over both cores and the YNNPACK one less.
+  Measured on ResNet-20 (2-core AVX-512 machine, benchmarks/compare_options.py):
+  one device pinned to one core 537 -> 511 ms of ops per step, 2 devices
+  422 -> 444 img/s, 4 devices 389 -> 417; but one device on both cores
+  306 -> 287, as XLA spreads an Eigen-path conv over both cores and a YNNPACK
+  one less well. CPU quotas (cgroups) are not seen here, nor by XLA.
   """
   return jax.default_backend() == 'cpu' and cpu_cores_per_device() <= 1
 

@@ -1,5 +1,6 @@
 """The paper's networks: exact parameter counts, multiply-adds, shortcuts, BN."""
 import os
+import re
 import subprocess
 import sys
 
@@ -345,35 +346,66 @@ def test_materialized_blocks_compute_the_same_function():
 CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-@pytest.mark.parametrize('kernel_shape,strides,padded', [
-    ((3, 3, 16, 16), 1, True),    # CIFAR stage 1
-    ((3, 3, 16, 16), 2, True),
-    ((1, 1, 16, 8), 1, True),
-    ((3, 3, 16, 32), 2, False),   # YNNPACK takes it already
-    ((3, 3, 3, 16), 1, False),    # the stem: padding 3 features to 20 would cost more
+def _conv_output_shapes(jaxpr):
+  return re.findall(r'(\w+\[[\d,]*\]) = conv_general_dilated', str(jaxpr))
+
+
+@pytest.mark.parametrize('kernel_shape,padded,kwargs', [
+    ((3, 3, 16, 16), True, {}),     # CIFAR stage 1
+    ((3, 3, 16, 16), True, {'window_strides': (2, 2)}),
+    ((3, 3, 16, 16), True, {'padding': 'SAME', 'rhs_dilation': (2, 2)}),
+    ((1, 1, 16, 8), True, {'padding': 'VALID'}),
+    ((3, 3, 16, 32), False, {'window_strides': (2, 2)}),  # YNNPACK takes it already
+    ((3, 3, 3, 16), False, {}),     # the stem: padding 3 features to 20 would cost more
+    ((3, 3, 8, 16), False, {'feature_group_count': 2}),
+    ((3, 3, 16, 16), False, {'dtype': jnp.bfloat16}),
 ])
-def test_narrow_conv_padded_is_the_same_convolution(kernel_shape, strides, padded):
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, kernel_shape[2]))
-  w = jax.random.normal(jax.random.key(1), kernel_shape)
+def test_narrow_conv_padded_is_the_same_convolution(kernel_shape, padded, kwargs):
+  kwargs = {'window_strides': (1, 1), 'padding': ((1, 1), (1, 1)), **kwargs}
+  dtype = kwargs.pop('dtype', jnp.float32)
+  groups = kwargs.get('feature_group_count', 1)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, kernel_shape[2] * groups), dtype)
+  w = jax.random.normal(jax.random.key(1), kernel_shape, dtype)
 
   def loss(conv):
     def fn(x, w):
-      y = conv(x, w, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=CONV_DIMS)
-      return jnp.sum(jnp.sin(y)), y
-    return jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))
+      y = conv(x, w, kwargs['window_strides'], kwargs['padding'], dimension_numbers=CONV_DIMS,
+               **{k: v for k, v in kwargs.items() if k not in ('window_strides', 'padding')})
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+    return jax.value_and_grad(fn, (0, 1), has_aux=True)
 
-  (_, y_ref), grads_ref = loss(jax.lax.conv_general_dilated)(x, w)
-  (_, y), grads = loss(models.narrow_conv_padded)(x, w)
+  (_, y_ref), grads_ref = jax.jit(loss(jax.lax.conv_general_dilated))(x, w)
+  (_, y), grads = jax.jit(loss(models.narrow_conv_padded))(x, w)
   # Float32 rounding only: the sums run in another order (and the gradients
   # take cos(y) of that y).
   for a, ref in ((y, y_ref), *zip(grads, grads_ref)):
-    assert a.shape == ref.shape
+    assert a.shape == ref.shape and a.dtype == ref.dtype
+    a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
     np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
-  jaxpr = str(jax.make_jaxpr(lambda x, w: models.narrow_conv_padded(
-      x, w, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=CONV_DIMS))(x, w))
-  assert ('pad[' in jaxpr) == padded
-  if padded:  # the conv sees 20 input features
-    assert 'f32[4,8,8,20]' in jaxpr
+  shapes = _conv_output_shapes(jax.make_jaxpr(loss(models.narrow_conv_padded))(x, w))
+  if padded:  # forward and input gradient padded to 20 features, kernel gradient not
+    dx_shape = f'f32[4,8,8,{NARROW_PADDED}]'
+    assert dx_shape in shapes and 'f32[%d,%d,%d,%d]' % kernel_shape in shapes, shapes
+    assert not any(f',{NARROW_PADDED},' in s for s in shapes if s != dx_shape), shapes
+  else:
+    assert not any(str(NARROW_PADDED) in s for s in shapes), shapes
+  # Forward mode too (jvp, jacfwd, hessian).
+  jax.jvp(lambda x: models.narrow_conv_padded(x, w, kwargs['window_strides'], kwargs['padding'],
+                                              dimension_numbers=CONV_DIMS,
+                                              **{k: v for k, v in kwargs.items()
+                                                 if k not in ('window_strides', 'padding')}),
+          (x,), (x,))
+
+
+def test_narrow_conv_padded_leaves_channels_first_convs_alone():
+  x, w = jnp.ones((1, 4, 5, 5)), jnp.ones((16, 16, 3, 3))  # NCHW, OIHW: 16 x 16 in the kernel
+  w_odd = jnp.ones((4, 4, 16, 16))  # OIHW with spatial dims of 16: not features
+  for lhs, rhs in ((jnp.ones((1, 16, 5, 5)), w), (x, w_odd)):
+    np.testing.assert_array_equal(models.narrow_conv_padded(lhs, rhs, (1, 1), 'SAME'),
+                                  jax.lax.conv_general_dilated(lhs, rhs, (1, 1), 'SAME'))
+
+
+NARROW_PADDED = models.NARROW_CONV_PADDED_FEATURES
 
 
 def _entry_convolutions(compiled_text):
@@ -382,7 +414,9 @@ def _entry_convolutions(compiled_text):
   return entry.count(' convolution(')
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU kernel choice')
 def test_padded_narrow_convs_move_stage_one_to_the_fast_kernels_with_the_same_function():
+  """Also a canary: it fails if XLA:CPU changes which convs its YNNPACK kernels take."""
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   results, eigen_convs = [], []
   for pad in (False, True):
@@ -392,9 +426,10 @@ def test_padded_narrow_convs_move_stage_one_to_the_fast_kernels_with_the_same_fu
   # Stage 1's six convs, forward and input gradient, leave the Eigen path.
   assert eigen_convs[0] - eigen_convs[1] == 12
   ((_, logits_a), grads_a), ((_, logits_b), grads_b) = results
-  np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads_a,
-               grads_b)
+  np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5 * np.abs(logits_a).max())
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5 * np.abs(a).max()),
+               grads_a, grads_b)
 
 
 @pytest.mark.parametrize('backend,cores_per_device,padded', [
