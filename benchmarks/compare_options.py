@@ -75,7 +75,7 @@ def main() -> None:
 
   print(f'$ python {" ".join(sys.argv)}')
   print(f'{args.model}, batch {args.batch}, {args.image}x{args.image}, {args.dtype}, '
-        f'{args.parallel} on {jax.device_count()} XLA device(s), {_cores()} CPU cores, '
+        f'{args.parallel} on {jax.device_count()} XLA device(s), {models.cpu_cores()} CPU cores, '
         f'{args.blocks} blocks of {args.steps} steps per variant')
   print(f'{"variant":44} {"img/s":>7} {"CPU ms/step":>12} {"of it system":>12}  blocks (img/s)')
   for run in runs:
@@ -84,12 +84,6 @@ def main() -> None:
     name = ', '.join(f'{k}={v}' for k, v in run['options'].items()) or 'defaults'
     print(f'{name:44} {ips:7.1f} {user + system:12.0f} {system:12.0f}  '
           + ' '.join(f'{b[0]:.0f}' for b in run['blocks']))
-
-
-def _cores() -> int:
-  if hasattr(os, 'sched_getaffinity'):
-    return len(os.sched_getaffinity(0))  # what taskset allows
-  return os.cpu_count() or 1
 
 
 if __name__ == '__main__':

@@ -9,8 +9,9 @@ Eigen path run asynchronously and their trace events show almost nothing).
 The trace's per-op times are matched by name to the compiled step's HLO and
 grouped: convolutions by path (YNNPACK fusion or Eigen), window and output
 shape (a window as large as the feature map, with the kernel's shape as
-output, is a kernel gradient); then transposes, reductions and other fusions. Time the whole step
-with benchmarks/train_step.py; this script is for finding what to speed up.
+output, is a kernel gradient); then transposes, reductions and other fusions.
+Time the whole step with benchmarks/train_step.py; this script is for finding
+what to speed up.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
       kinds[name] = 'transpose/copy'
     elif ' reduce(' in body or ' reduce-window(' in body:
       kinds[name] = 'reduction fusion'
-    elif opcode in ('all-reduce', 'psum', 'all-gather', 'reduce-scatter'):
+    elif opcode in ('all-reduce', 'all-gather', 'reduce-scatter'):
       kinds[name] = 'collective'
     elif opcode == 'fusion':
       kinds[name] = 'elementwise fusion'

@@ -192,10 +192,16 @@ def narrow_conv_padded(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[
   return padded_conv(lhs, rhs)
 
 
+def cpu_cores() -> int:
+  """CPU cores this process may use (what taskset allows, where the OS says)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def cpu_cores_per_device() -> float:
   """CPU cores this process may use per local XLA device."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return (cores or 1) / jax.local_device_count()
+  return cpu_cores() / jax.local_device_count()
 
 
 def pad_narrow_convs_by_default() -> bool:
@@ -348,9 +354,8 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     on_cpu = jax.default_backend() == 'cpu'
     materialize = on_cpu if self.materialize_blocks is None else self.materialize_blocks
-    pad_narrow = self.pad_narrow_convs
-    if pad_narrow is None:
-      pad_narrow = pad_narrow_convs_by_default()
+    pad_narrow = (pad_narrow_convs_by_default() if self.pad_narrow_convs is None
+                  else self.pad_narrow_convs)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_kernel_init,
                              conv_general_dilated=narrow_conv_padded if pad_narrow else None)

@@ -344,6 +344,7 @@ def test_materialized_blocks_compute_the_same_function():
 
 
 CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
+NARROW_PADDED = models.NARROW_CONV_PADDED_FEATURES
 
 
 def _conv_output_shapes(jaxpr):
@@ -363,14 +364,14 @@ def _conv_output_shapes(jaxpr):
 def test_narrow_conv_padded_is_the_same_convolution(kernel_shape, padded, kwargs):
   kwargs = {'window_strides': (1, 1), 'padding': ((1, 1), (1, 1)), **kwargs}
   dtype = kwargs.pop('dtype', jnp.float32)
+  strides, padding = kwargs.pop('window_strides'), kwargs.pop('padding')
   groups = kwargs.get('feature_group_count', 1)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, kernel_shape[2] * groups), dtype)
   w = jax.random.normal(jax.random.key(1), kernel_shape, dtype)
 
   def loss(conv):
     def fn(x, w):
-      y = conv(x, w, kwargs['window_strides'], kwargs['padding'], dimension_numbers=CONV_DIMS,
-               **{k: v for k, v in kwargs.items() if k not in ('window_strides', 'padding')})
+      y = conv(x, w, strides, padding, dimension_numbers=CONV_DIMS, **kwargs)
       return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
     return jax.value_and_grad(fn, (0, 1), has_aux=True)
 
@@ -390,10 +391,8 @@ def test_narrow_conv_padded_is_the_same_convolution(kernel_shape, padded, kwargs
   else:
     assert not any(str(NARROW_PADDED) in s for s in shapes), shapes
   # Forward mode too (jvp, jacfwd, hessian).
-  jax.jvp(lambda x: models.narrow_conv_padded(x, w, kwargs['window_strides'], kwargs['padding'],
-                                              dimension_numbers=CONV_DIMS,
-                                              **{k: v for k, v in kwargs.items()
-                                                 if k not in ('window_strides', 'padding')}),
+  jax.jvp(lambda x: models.narrow_conv_padded(x, w, strides, padding,
+                                              dimension_numbers=CONV_DIMS, **kwargs),
           (x,), (x,))
 
 
@@ -403,9 +402,6 @@ def test_narrow_conv_padded_leaves_channels_first_convs_alone():
   for lhs, rhs in ((jnp.ones((1, 16, 5, 5)), w), (x, w_odd)):
     np.testing.assert_array_equal(models.narrow_conv_padded(lhs, rhs, (1, 1), 'SAME'),
                                   jax.lax.conv_general_dilated(lhs, rhs, (1, 1), 'SAME'))
-
-
-NARROW_PADDED = models.NARROW_CONV_PADDED_FEATURES
 
 
 def _entry_convolutions(compiled_text):
