@@ -7,7 +7,7 @@ device): XLA:CPU then runs every op inline, one after the other, so each op's
 time in the profiler trace is its own (on more cores, convolutions on XLA's
 Eigen path run asynchronously and their trace events show almost nothing).
 The trace's per-op times are matched by name to the compiled step's HLO and
-grouped: convolutions by path (YNNPACK fusion or Eigen), window and output
+grouped: convolutions by path (oneDNN call, YNNPACK fusion or Eigen), window and output
 shape (a window as large as the feature map, with the kernel's shape as
 output, is a kernel gradient); then transposes, reductions and other fusions.
 Time the whole step with benchmarks/train_step.py; this script is for finding
@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train_step  # pylint: disable=wrong-import-position
 from resnet_jax import malloc  # pylint: disable=wrong-import-position
+from resnet_jax import onednn_conv  # pylint: disable=wrong-import-position
 
 
 def op_kinds(hlo_text: str) -> dict[str, str]:
@@ -47,7 +48,10 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     body = bodies.get(called.group(1), '') if called else line
     conv = re.search(r'= (\w+\[[\d,]*\])\S* convolution\(.*?(window=\{[^}]*\}).*?'
                      r'(dim_labels=[\w>\-]+)', body)
-    if conv:
+    onednn = re.search(r'= (\w+\[[\d,]*\])\S* custom-call\(.*__onednn\$convolution', line)
+    if onednn:
+      kinds[name] = f'conv oneDNN (model.onednn_convs) -> {onednn.group(1)}'
+    elif conv:
       path = 'YNNPACK' if called else 'Eigen'
       kinds[name] = f'conv {path} {conv.group(2)} {conv.group(3)} -> {conv.group(1)}'
     elif opcode == 'dot' or ' dot(' in body:
@@ -78,7 +82,8 @@ def op_times(trace_dir: str) -> dict[str, float]:
   times = collections.Counter()
   for e in events:
     if e.get('ph') == 'X' and 'XLAEigen' in threads.get((e['pid'], e['tid']), ''):
-      times[e['name']] += e['dur']
+      # A custom call's event is named NAME<target> (and an 'end: ...' marker follows).
+      times[e['name'].removesuffix(onednn_conv.TARGET)] += e['dur']
   if not times:
     raise SystemExit('The trace has no events from XLA:CPU compute threads (named XLAEigen); '
                      'this jax version may name them differently.')

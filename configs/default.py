@@ -35,6 +35,9 @@ def get_config() -> config_dict.ConfigDict:
   # take only convs with more than 16). None: on CPUs with at most one core per
   # XLA device (faster there; one device on many cores is faster without).
   c.model.pad_narrow_convs = config_dict.placeholder(bool)
+  # Run convolutions on the oneDNN kernels that jaxlib's XLA:CPU links (exact up
+  # to float32 summation order; resnet_jax/onednn_conv.py). None: on CPUs.
+  c.model.onednn_convs = config_dict.placeholder(bool)
 
   # --- Data (resnet_jax.input_pipeline). ---
   c.data = config_dict.ConfigDict()

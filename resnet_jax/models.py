@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import onednn_conv
+
 ModuleDef = Any
 
 # He et al. 2015 ("Delving deep into rectifiers") with n = fan-out, as in the paper.
@@ -349,6 +351,9 @@ class ResNet(nn.Module):
   # Pad 16-feature conv inputs to 20 (see `narrow_conv_padded`); None: on CPUs with
   # at most one core per XLA device (see `pad_narrow_convs_by_default`).
   pad_narrow_convs: bool | None = None
+  # Run convolutions on oneDNN's kernels (see resnet_jax/onednn_conv.py); None: on
+  # the CPU backend. Takes precedence over pad_narrow_convs.
+  onednn_convs: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -356,9 +361,12 @@ class ResNet(nn.Module):
     materialize = on_cpu if self.materialize_blocks is None else self.materialize_blocks
     pad_narrow = (pad_narrow_convs_by_default() if self.pad_narrow_convs is None
                   else self.pad_narrow_convs)
+    onednn = on_cpu if self.onednn_convs is None else self.onednn_convs
+    conv_fn = (onednn_conv.conv_general_dilated if onednn
+               else narrow_conv_padded if pad_narrow else None)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_kernel_init,
-                             conv_general_dilated=narrow_conv_padded if pad_narrow else None)
+                             conv_general_dilated=conv_fn)
     norm = batch_norm(self, train)
     x = x.astype(self.dtype)
     stem_bn = norm(name='stem_bn')
@@ -483,7 +491,7 @@ def model_options(name: str) -> dict[str, tuple | None]:
   if name == 'vgg19':
     return {**_COMMON_OPTIONS, 'batch_norm': None}
   options = {**_COMMON_OPTIONS, 'zero_init_last_bn': None, 'materialize_blocks': None,
-             'pad_narrow_convs': None}
+             'pad_narrow_convs': None, 'onednn_convs': None}
   if name.startswith('resnet'):
     options['shortcut'] = SHORTCUTS
   if _REGISTRY[name].keywords.get('block_cls') is BottleneckBlock:

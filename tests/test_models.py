@@ -416,7 +416,7 @@ def test_padded_narrow_convs_move_stage_one_to_the_fast_kernels_with_the_same_fu
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   results, eigen_convs = [], []
   for pad in (False, True):
-    fn, params = _resnet20_loss_and_grad(True, x, pad_narrow_convs=pad)
+    fn, params = _resnet20_loss_and_grad(True, x, pad_narrow_convs=pad, onednn_convs=False)
     eigen_convs.append(_entry_convolutions(fn.lower(params).compile().as_text()))
     results.append(fn(params))
   # Stage 1's six convs, forward and input gradient, leave the Eigen path.
@@ -434,7 +434,7 @@ def test_padded_narrow_convs_default_to_cpus_with_a_core_per_device(
     monkeypatch, backend, cores_per_device, padded):
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   monkeypatch.setattr(models, 'cpu_cores_per_device', lambda: cores_per_device)
-  model = models.create_model('resnet20', 10)
+  model = models.create_model('resnet20', 10, onednn_convs=False)
   x = jnp.zeros((1, 8, 8, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))

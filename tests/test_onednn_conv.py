@@ -1,0 +1,144 @@
+"""resnet_jax.onednn_conv: the same convolution as lax, on oneDNN, per batch shard."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax import models, onednn_conv
+
+DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _value_and_grads(conv, strides, padding, **kwargs):
+  def fn(x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=DIMS, **kwargs)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+  return jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))
+
+
+def _custom_calls(compiled_text):
+  return re.findall(r'(\w+\[[\d,]*\])\S* custom-call\([^\n]*__onednn\$convolution', compiled_text)
+
+
+def _assert_close(a, ref):
+  assert a.shape == ref.shape and a.dtype == ref.dtype
+  a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
+  np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,strides,padding,calls', [
+    ((4, 8, 8, 16), (3, 3, 16, 16), (1, 1), 'SAME', 2),             # forward, input gradient
+    ((4, 8, 8, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1)), 1),   # strided: forward only
+    ((4, 9, 9, 3), (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1)), 2),     # CIFAR stem, odd size
+    ((2, 8, 8, 8), (1, 1, 8, 16), (2, 2), 'VALID', 1),              # projection shortcut
+    ((2, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((0, 2), (2, 0)), 2),      # lopsided padding
+    ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), 1),    # ImageNet stem
+])
+def test_same_convolution_as_lax(x_shape, kernel_shape, strides, padding, calls):
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = jax.random.normal(jax.random.key(1), kernel_shape)
+  (_, y_ref), grads_ref = _value_and_grads(jax.lax.conv_general_dilated, strides, padding)(x, w)
+  step = _value_and_grads(onednn_conv.conv_general_dilated, strides, padding)
+  (_, y), grads = step(x, w)
+  # Float32 rounding only: the sums run in another order.
+  for a, ref in ((y, y_ref), *zip(grads, grads_ref)):
+    _assert_close(a, ref)
+  # oneDNN runs the forward conv and, at stride 1, the input gradient; XLA the rest.
+  assert len(_custom_calls(step.lower(x, w).compile().as_text())) == calls
+  # Forward mode too.
+  def conv(conv_fn, x, w):
+    return conv_fn(x, w, strides, padding, dimension_numbers=DIMS)
+  tangents = (jnp.cos(x), jnp.sin(w))
+  _, t = jax.jvp(lambda x, w: conv(onednn_conv.conv_general_dilated, x, w), (x, w), tangents)
+  _, t_ref = jax.jvp(lambda x, w: conv(jax.lax.conv_general_dilated, x, w), (x, w), tangents)
+  _assert_close(t, t_ref)
+
+
+@pytest.mark.parametrize('kwargs', [
+    {'dtype': jnp.bfloat16},
+    {'dimension_numbers': ('NCHW', 'OIHW', 'NCHW')},
+    {'feature_group_count': 2},
+    {'rhs_dilation': (2, 2)},
+    {'lhs_dilation': (2, 2)},
+])
+def test_other_convolutions_pass_through_to_lax(kwargs):
+  kwargs = dict(kwargs)
+  dtype = kwargs.pop('dtype', jnp.float32)
+  dims = kwargs.pop('dimension_numbers', DIMS)
+  groups = kwargs.get('feature_group_count', 1)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8), dtype)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8 // groups, 8), dtype)
+  if dims != DIMS:
+    w = w.transpose(3, 2, 0, 1)  # OIHW
+  args = (x, w, (1, 1), ((1, 1), (1, 1)))
+  jaxpr = str(jax.make_jaxpr(lambda x, w: onednn_conv.conv_general_dilated(
+      x, w, *args[2:], dimension_numbers=dims, **kwargs))(x, w))
+  assert 'onednn' not in jaxpr and 'conv_general_dilated' in jaxpr
+  y = onednn_conv.conv_general_dilated(*args, dimension_numbers=dims, **kwargs)
+  np.testing.assert_array_equal(
+      y, jax.lax.conv_general_dilated(*args, dimension_numbers=dims, **kwargs))
+
+
+def test_a_batch_sharded_jit_convolves_each_shard_on_its_own_device():
+  devices = jax.devices()
+  mesh = Mesh(np.array(devices), ('data',))
+  n = len(devices)
+  x = jax.random.normal(jax.random.key(0), (2 * n, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+  step = _value_and_grads(onednn_conv.conv_general_dilated, (1, 1), 'SAME')
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
+  w_replicated = jax.device_put(w, NamedSharding(mesh, P()))
+  text = step.lower(x_sharded, w_replicated).compile().as_text()
+  # Each device's calls see its own 2 images; nothing gathers the batch.
+  assert _custom_calls(text) == ['f32[2,8,8,16]'] * 2, _custom_calls(text)
+  assert 'all-gather' not in text
+  (_, y), grads = step(x_sharded, w_replicated)
+  (_, y_ref), grads_ref = _value_and_grads(jax.lax.conv_general_dilated, (1, 1), 'SAME')(x, w)
+  assert y.sharding.spec[0] == 'data'
+  for a, ref in ((y, y_ref), *zip(grads, grads_ref)):
+    _assert_close(a, ref)
+
+
+def test_pmap_runs_it_per_device():
+  n = jax.local_device_count()
+  x = jax.random.normal(jax.random.key(0), (n, 2, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+  fn = lambda conv: jax.pmap(lambda x: conv(x, w, (1, 1), 'SAME', dimension_numbers=DIMS))
+  np.testing.assert_allclose(fn(onednn_conv.conv_general_dilated)(x),
+                             fn(jax.lax.conv_general_dilated)(x), rtol=1e-5, atol=1e-4)
+
+
+def test_resnet20_on_onednn_is_the_same_network():
+  """And a canary: it fails if jaxlib stops running the custom call."""
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  labels = jnp.arange(4) % 10
+  results, calls = [], []
+  for onednn in (False, True):
+    model = models.create_model('resnet20', 10, onednn_convs=onednn)
+    variables = model.init(jax.random.key(1), x, train=False)
+
+    def loss(params, model=model, variables=variables):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    calls.append(len(_custom_calls(step.lower(variables['params']).compile().as_text())))
+    results.append(step(variables['params']))
+  # 19 forward convs, and the input gradients of the 16 stride-1 block convs.
+  assert calls == [0, 19 + 16]
+  ((_, logits_a), grads_a), ((_, logits_b), grads_b) = results
+  _assert_close(logits_b, logits_a)
+  jax.tree.map(_assert_close, grads_b, grads_a)
+
+
+@pytest.mark.parametrize('backend,expected', [('cpu', True), ('gpu', False)])
+def test_onednn_convs_default_to_the_cpu_backend(monkeypatch, backend, expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  model = models.create_model('resnet20', 10)
+  x = jnp.zeros((1, 8, 8, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+  assert ('onednn_conv2d' in jaxpr) == expected
