@@ -352,7 +352,7 @@ class ResNet(nn.Module):
   # at most one core per XLA device (see `pad_narrow_convs_by_default`).
   pad_narrow_convs: bool | None = None
   # Run convolutions on oneDNN's kernels (see resnet_jax/onednn_conv.py); None: on
-  # the CPU backend. Takes precedence over pad_narrow_convs.
+  # the CPU backend where jaxlib runs them. Takes precedence over pad_narrow_convs.
   onednn_convs: bool | None = None
 
   @nn.compact
@@ -361,7 +361,13 @@ class ResNet(nn.Module):
     materialize = on_cpu if self.materialize_blocks is None else self.materialize_blocks
     pad_narrow = (pad_narrow_convs_by_default() if self.pad_narrow_convs is None
                   else self.pad_narrow_convs)
-    onednn = on_cpu if self.onednn_convs is None else self.onednn_convs
+    onednn = self.onednn_convs
+    if onednn is None:
+      onednn = on_cpu and onednn_conv.available()
+    elif onednn and on_cpu and not onednn_conv.available():
+      raise RuntimeError(f'model.onednn_convs=True, but this jaxlib cannot run oneDNN '
+                         f'convolutions ({onednn_conv.problem()}); set it to False or leave '
+                         f'it unset (then used only where it works).')
     conv_fn = (onednn_conv.conv_general_dilated if onednn
                else narrow_conv_padded if pad_narrow else None)
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,

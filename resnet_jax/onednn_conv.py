@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from typing import Any, Sequence
 
 import jax
@@ -179,6 +180,40 @@ def _kernel_gradient(ct, x, w, *, strides, padding):
 
 
 ad.defbilinear(conv_p, _input_gradient, _kernel_gradient)
+
+
+@functools.cache
+def problem() -> str | None:
+  """Why this process cannot use the oneDNN path on its CPU, or None if it can.
+
+  Runs one small strided, lopsidedly padded conv through the custom call and
+  compares it with lax's: a jaxlib without the call, or one that computes
+  another convolution from its config, is caught here rather than in a
+  training step. (A config that XLA's own checks reject aborts the process;
+  jax is pinned to the versions tested.)
+  """
+  try:
+    device = jax.devices('cpu')[0]
+    x = jax.device_put(np.linspace(-1, 1, 2 * 7 * 6 * 3, dtype=np.float32).reshape(2, 7, 6, 3),
+                       device)
+    w = jax.device_put(np.linspace(1, -1, 3 * 3 * 3 * 5, dtype=np.float32).reshape(3, 3, 3, 5),
+                       device)
+    strides, padding = (2, 1), ((1, 0), (2, 1))
+    got = jax.jit(lambda x, w: _call_p.bind(x, w, strides=strides, padding=padding))(x, w)
+    want = _reference(x, w, strides, padding)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+      reason = 'the custom call computed a different convolution than lax'
+    else:
+      return None
+  except Exception as e:  # pylint: disable=broad-except
+    reason = f'{type(e).__name__}: {e}'.strip()[:500]
+  logging.warning('oneDNN convolutions are not available, XLA runs them instead: %s', reason)
+  return reason
+
+
+def available() -> bool:
+  """Whether the oneDNN path works here (see `problem`)."""
+  return problem() is None
 
 
 def supported(lhs: jax.Array, rhs: jax.Array, padding: Any, lhs_dilation: Any = None,

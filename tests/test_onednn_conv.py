@@ -1,4 +1,5 @@
 """resnet_jax.onednn_conv: the same convolution as lax, on oneDNN, per batch shard."""
+import json
 import re
 
 import jax
@@ -142,3 +143,29 @@ def test_onednn_convs_default_to_the_cpu_backend(monkeypatch, backend, expected)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
   assert ('onednn_conv2d' in jaxpr) == expected
+
+
+def test_a_jaxlib_that_reads_the_call_differently_is_caught_before_training(monkeypatch):
+  """The model then uses lax by default, and an explicit request fails with a clear error."""
+  original = onednn_conv.backend_config
+
+  def misread(kernel_shape, strides, padding):  # padding on the other side
+    config = json.loads(original(kernel_shape, strides, padding))
+    window = config['onednnConvConfig']['window']
+    window['padLeft'], window['padRight'] = window['padRight'], window['padLeft']
+    return json.dumps(config)
+  monkeypatch.setattr(onednn_conv, 'backend_config', misread)
+  onednn_conv.problem.cache_clear()
+  try:
+    assert onednn_conv.problem() and not onednn_conv.available()
+    x = jnp.zeros((1, 8, 8, 3))
+    model = models.create_model('resnet20', 10)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    assert 'onednn' not in str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+    model = models.create_model('resnet20', 10, onednn_convs=True)
+    with pytest.raises(RuntimeError, match='model.onednn_convs=True, but this jaxlib'):
+      model.init(jax.random.key(0), x, train=False)
+  finally:
+    monkeypatch.undo()
+    onednn_conv.problem.cache_clear()
+  assert onednn_conv.available()
