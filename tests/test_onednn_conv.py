@@ -37,6 +37,9 @@ def _assert_close(a, ref):
     ((2, 8, 8, 8), (1, 1, 8, 16), (2, 2), 'VALID', 1),              # projection shortcut
     ((2, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((0, 2), (2, 0)), 2),      # lopsided padding
     ((2, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), 1),    # ImageNet stem
+    ((2, 9, 7, 4), (3, 3, 4, 6), (2, 2), 'SAME', 1),                # odd sizes, strided
+    ((2, 9, 8, 4), (3, 2, 4, 6), (3, 2), ((2, 0), (1, 1)), 1),      # unequal strides, kernel
+    ((2, 6, 6, 4), (3, 3, 4, 6), (1, 1), ((3, 3), (0, 0)), 1),      # padding > kernel - 1
 ])
 def test_same_convolution_as_lax(x_shape, kernel_shape, strides, padding, calls):
   x = jax.random.normal(jax.random.key(0), x_shape)
@@ -168,4 +171,6 @@ def test_a_jaxlib_that_reads_the_call_differently_is_caught_before_training(monk
   finally:
     monkeypatch.undo()
     onednn_conv.problem.cache_clear()
-  assert onednn_conv.available()
+  # First asked while a model is traced (as in a jitted init), it still runs the check.
+  assert jax.eval_shape(lambda: jnp.float32(onednn_conv.available())) is not None
+  assert onednn_conv.problem.cache_info().currsize == 1 and onednn_conv.available()
