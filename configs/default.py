@@ -36,7 +36,8 @@ def get_config() -> config_dict.ConfigDict:
   # XLA device (faster there; one device on many cores is faster without).
   c.model.pad_narrow_convs = config_dict.placeholder(bool)
   # Run convolutions on the oneDNN kernels that jaxlib's XLA:CPU links (exact up
-  # to float32 summation order; resnet_jax/onednn_conv.py). None: on CPUs.
+  # to float32 summation order; resnet_jax/onednn_conv.py). None: on x86-64 CPUs
+  # where its start-up check passes. When on, pad_narrow_convs has no effect.
   c.model.onednn_convs = config_dict.placeholder(bool)
 
   # --- Data (resnet_jax.input_pipeline). ---

@@ -352,7 +352,8 @@ class ResNet(nn.Module):
   # at most one core per XLA device (see `pad_narrow_convs_by_default`).
   pad_narrow_convs: bool | None = None
   # Run convolutions on oneDNN's kernels (see resnet_jax/onednn_conv.py); None: on
-  # the CPU backend where jaxlib runs them. Takes precedence over pad_narrow_convs.
+  # the CPU backend where its check passes (`onednn_conv.problem`). When on,
+  # pad_narrow_convs has no effect (oneDNN has no 16-feature slow path).
   onednn_convs: bool | None = None
 
   @nn.compact

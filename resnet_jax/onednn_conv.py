@@ -1,4 +1,4 @@
-"""2-D convolutions on oneDNN's kernels under XLA:CPU, a drop-in for `lax.conv_general_dilated`.
+"""2-D convolutions on oneDNN's kernels under XLA:CPU, in place of `lax.conv_general_dilated`.
 
 Why: jaxlib's XLA:CPU links oneDNN and runs the custom call
 `__onednn$convolution` (a forward convolution) on it, but its own passes no
@@ -9,7 +9,8 @@ XLA's 11.8 (Eigen; 9.4 with inputs padded to 20 features) / 5.7 / 5.5 ms, and
 the input gradient, itself a forward conv with the kernel flipped, gains the
 same. PyTorch's CPU convolutions are oneDNN's too.
 
-`conv_p` is a primitive that is bilinear like `lax.conv`: forward and tangents
+`conv_p` is a primitive that is bilinear like `lax.conv` (`grad`, `jvp`,
+higher orders and `vmap` work): forward and tangents
 run on oneDNN; the input gradient of a stride-1 conv too (the flipped kernel);
 a strided conv's input gradient and every kernel gradient use XLA's own
 convolutions (oneDNN's forward primitive cannot express the kernel gradient
@@ -22,14 +23,17 @@ it lowers to `lax.conv_general_dilated`. The result equals lax's up to float32
 summation order (tested).
 
 Only channels-last (NHWC input, HWIO kernel) float32 2-D convs without
-dilation or groups take this path; `conv_general_dilated` passes anything else
-to lax unchanged.
+dilation or groups, with a non-empty result, take this path;
+`conv_general_dilated` passes anything else to lax unchanged. Not supported:
+`jax.export` (the call is XLA-internal). `problem()` says whether this
+process can use it (x86-64 CPUs; jax as pinned in pyproject.toml).
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import platform
 from typing import Any, Sequence
 
 import jax
@@ -38,10 +42,11 @@ import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
-from jax.interpreters import ad, mlir
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax._src import dispatch  # pylint: disable=g-bad-import-order
 
+_LOG = logging.getLogger(__name__)
 TARGET = '__onednn$convolution'
 # (batch or input feature, feature or output feature, spatial...) positions.
 NHWC = (0, 3, 1, 2)
@@ -56,15 +61,13 @@ def _reference(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pa
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _out_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: tuple[int, int],
-               padding: Pads) -> tuple[int, ...]:
-  spatial = [(x_shape[1 + i] + lo + hi - w_shape[i]) // strides[i] + 1
-             for i, (lo, hi) in enumerate(padding)]
-  return (x_shape[0], *spatial, w_shape[3])
-
-
 def _abstract_eval(x, w, *, strides, padding):
-  return jax.core.ShapedArray(_out_shape(x.shape, w.shape, strides, padding), x.dtype)
+  """lax's own rule: its shape checks and errors, and the output's sharding and vma type."""
+  out, _ = lax.conv_general_dilated_p.abstract_eval(
+      x, w, window_strides=strides, padding=padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=1, batch_group_count=1,
+      precision=None, preferred_element_type=None, out_sharding=None)
+  return out
 
 
 # The custom call itself: one device's (or shard's) convolution.
@@ -95,14 +98,11 @@ def backend_config(kernel_shape: Sequence[int], strides: tuple[int, int], paddin
 
 
 def _call_lowering(ctx, x, w, *, strides, padding):
-  # jax exports no public custom_call builder for lowering rules.
-  from jax._src.interpreters import mlir as mlir_internal  # pylint: disable=import-outside-toplevel
-  out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
-  layout = [3, 2, 1, 0]  # row-major, as the config's dimension indices assume
-  return mlir_internal.custom_call(
-      TARGET, result_types=[out_type], operands=[x, w],
-      backend_config=backend_config(ctx.avals_in[1].shape, strides, padding),
-      api_version=1, operand_layouts=[layout, layout], result_layouts=[layout]).results
+  # A legacy (api_version 1) custom call with a string config; default layouts
+  # are row-major, as the config's dimension indices assume.
+  return jax.ffi.ffi_lowering(
+      TARGET, api_version=1,
+      backend_config=backend_config(ctx.avals_in[1].shape, strides, padding))(ctx, x, w)
 
 
 mlir.register_lowering(_call_p, _call_lowering, platform='cpu')
@@ -146,8 +146,25 @@ _partitioned_call.def_partition(
 
 # The differentiable convolution.
 conv_p = Primitive('onednn_conv2d')
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The manual mesh axes (shard_map) over which x varies."""
+  aval = jax.typeof(x)
+  axis_type = getattr(aval, 'manual_axis_type', None)
+  return axis_type.varying if axis_type is not None else getattr(aval, 'vma', frozenset())
+
+
+def _bind(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads) -> jax.Array:
+  """conv_p on operands made to vary over the same manual axes (as lax's binds do in shard_map)."""
+  vma_x, vma_w = _varying_axes(x), _varying_axes(w)
+  if vma_w - vma_x:
+    x = lax.pcast(x, tuple(vma_w - vma_x), to='varying')
+  if vma_x - vma_w:
+    w = lax.pcast(w, tuple(vma_x - vma_w), to='varying')
+  return conv_p.bind(x, w, strides=strides, padding=padding)
 conv_p.def_abstract_eval(_abstract_eval)
-conv_p.def_impl(lambda x, w, **params: jax.jit(functools.partial(conv_p.bind, **params))(x, w))
+conv_p.def_impl(functools.partial(dispatch.apply_primitive, conv_p))
 
 
 def _cpu_lowering(ctx, x, w, *, strides, padding):
@@ -158,8 +175,12 @@ def _cpu_lowering(ctx, x, w, *, strides, padding):
 # custom_partitioning needs the device assignment while lowering: not cacheable
 # (a cached lowering has none), and jit must pass it (as for jax's own cuDNN
 # attention primitives, which lower to custom_partitioning the same way).
+# (So `jax.export` cannot lower it for several platforms at once; a CPU export
+# would in any case hold an XLA-internal call with no compatibility guarantee.)
 mlir.register_lowering(conv_p, _cpu_lowering, platform='cpu', cacheable=False)
-dispatch.prim_requires_devices_during_lowering.add(conv_p)
+_NEEDS_DEVICES = getattr(dispatch, 'prim_requires_devices_during_lowering', None)
+if _NEEDS_DEVICES is not None:
+  _NEEDS_DEVICES.add(conv_p)
 mlir.register_lowering(conv_p, mlir.lower_fun(
     lambda x, w, *, strides, padding: _reference(x, w, strides, padding),
     multiple_results=False))
@@ -171,18 +192,42 @@ def _input_gradient(ct, x, w, *, strides, padding):
   if strides == (1, 1) and all(0 <= p <= k - 1 for pads, k in zip(padding, kernel) for p in pads):
     flipped = jnp.flip(w, (0, 1)).swapaxes(2, 3)
     pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel))
-    return conv_p.bind(ct, flipped, strides=(1, 1), padding=pads)
-  shape = jax.ShapeDtypeStruct(x.aval.shape, x.aval.dtype)
-  return jax.linear_transpose(lambda x: _reference(x, w, strides, padding), shape)(ct)[0]
+    return _bind(ct, flipped, (1, 1), pads)
+  return jax.vjp(lambda x: _reference(x, w, strides, padding), _zeros_like(x.aval))[1](ct)[0]
 
 
 def _kernel_gradient(ct, x, w, *, strides, padding):
   """Transpose in the kernel: XLA's own kernel-gradient convolution."""
-  shape = jax.ShapeDtypeStruct(w.aval.shape, w.aval.dtype)
-  return jax.linear_transpose(lambda w: _reference(x, w, strides, padding), shape)(ct)[0]
+  return jax.vjp(lambda w: _reference(x, w, strides, padding), _zeros_like(w.aval))[1](ct)[0]
+
+
+def _zeros_like(aval: Any) -> jax.Array:
+  """A stand-in primal of this type for `vjp` (XLA drops the unused forward conv).
+
+  It varies over the manual axes (shard_map) the primal varies over, so the
+  transpose adds no reduction of its own; `_bind`'s cast supplies that.
+  """
+  zeros = jnp.zeros(aval.shape, aval.dtype)
+  axis_type = getattr(aval, 'manual_axis_type', None)
+  axes = tuple(axis_type.varying) if axis_type is not None else ()
+  return lax.pcast(zeros, axes, to='varying') if axes else zeros
 
 
 ad.defbilinear(conv_p, _input_gradient, _kernel_gradient)
+
+
+def _batch(args, dims, *, strides, padding):
+  """vmap: a batched input folds into the conv's own batch; anything else runs lax's conv."""
+  (x, w), (x_dim, w_dim) = args, dims
+  if w_dim is None:  # not mapped
+    x = jnp.moveaxis(x, x_dim, 0)
+    y = _bind(x.reshape(-1, *x.shape[2:]), w, strides, padding)
+    return y.reshape(x.shape[0], x.shape[1], *y.shape[1:]), 0
+  conv = functools.partial(_reference, strides=strides, padding=padding)
+  return jax.vmap(conv, in_axes=(x_dim, w_dim))(x, w), 0
+
+
+batching.primitive_batchers[conv_p] = _batch
 
 
 @functools.cache
@@ -195,17 +240,22 @@ def problem() -> str | None:
   training step. (A config that XLA's own checks reject aborts the process;
   jax is pinned to the versions tested.)
   """
-  # Run now even when first asked while a model is being traced.
-  with jax.ensure_compile_time_eval():
-    reason = _check()
+  if platform.machine().lower() not in ('x86_64', 'amd64'):
+    reason = f'tested on x86-64 CPUs only, this is {platform.machine()}'
+  elif _NEEDS_DEVICES is None:
+    reason = 'this jax has no jax._src.dispatch.prim_requires_devices_during_lowering'
+  else:
+    # Run now even when first asked while a model is being traced.
+    with jax.ensure_compile_time_eval():
+      reason = _check()
   if reason:
-    logging.warning('oneDNN convolutions are not available, XLA runs them instead: %s', reason)
+    _LOG.warning('oneDNN convolutions are not available, XLA runs them instead: %s', reason)
   return reason
 
 
 def _check() -> str | None:
   try:
-    device = jax.devices('cpu')[0]
+    device = jax.local_devices(backend='cpu')[0]  # this process's own
     x = jax.device_put(np.linspace(-1, 1, 2 * 7 * 6 * 3, dtype=np.float32).reshape(2, 7, 6, 3),
                        device)
     w = jax.device_put(np.linspace(1, -1, 3 * 3 * 3 * 5, dtype=np.float32).reshape(3, 3, 3, 5),
@@ -247,13 +297,20 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          batch_group_count: int = 1, precision: Any = None,
                          preferred_element_type: Any = None) -> jax.Array:
   """`lax.conv_general_dilated`, on oneDNN where `supported` (see the module docstring)."""
-  if not supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                   feature_group_count, batch_group_count, preferred_element_type):
+  def stock() -> jax.Array:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
+
+  if not supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                   feature_group_count, batch_group_count, preferred_element_type):
+    return stock()
   strides = tuple(int(s) for s in window_strides)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return conv_p.bind(lhs, rhs, strides=strides, padding=pads)
+  pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+          if isinstance(padding, str) else padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  empty = lhs.size == 0 or any(size + lo + hi < k for size, (lo, hi), k
+                               in zip(lhs.shape[1:3], pads, rhs.shape[:2]))
+  if len(strides) != 2 or empty:  # lax's errors, or an empty result
+    return stock()
+  return _bind(lhs, rhs, strides, pads)
