@@ -9,9 +9,9 @@ XLA's 11.8 (Eigen; 9.4 with inputs padded to 20 features) / 5.7 / 5.5 ms, and
 the input gradient, itself a forward conv with the kernel flipped, gains the
 same. PyTorch's CPU convolutions are oneDNN's too.
 
-`conv_p` is a primitive that is bilinear like `lax.conv` (`grad`, `jvp`,
-higher orders and `vmap` work): forward and tangents
-run on oneDNN; the input gradient of a stride-1 conv too (the flipped kernel);
+`conv_p` is a primitive that is bilinear like `lax.conv`, so `grad`, `jvp`,
+higher orders, `vmap` and `shard_map` work. Forward and tangents run on
+oneDNN; the input gradient of a stride-1 conv too (the flipped kernel);
 a strided conv's input gradient and every kernel gradient use XLA's own
 convolutions (oneDNN's forward primitive cannot express the kernel gradient
 efficiently; a strided input gradient as one stride-1 oneDNN conv per output
@@ -146,6 +146,8 @@ _partitioned_call.def_partition(
 
 # The differentiable convolution.
 conv_p = Primitive('onednn_conv2d')
+conv_p.def_abstract_eval(_abstract_eval)
+conv_p.def_impl(functools.partial(dispatch.apply_primitive, conv_p))
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -163,8 +165,6 @@ def _bind(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads) -
   if vma_x - vma_w:
     w = lax.pcast(w, tuple(vma_x - vma_w), to='varying')
   return conv_p.bind(x, w, strides=strides, padding=padding)
-conv_p.def_abstract_eval(_abstract_eval)
-conv_p.def_impl(functools.partial(dispatch.apply_primitive, conv_p))
 
 
 def _cpu_lowering(ctx, x, w, *, strides, padding):
