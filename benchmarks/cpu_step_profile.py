@@ -7,9 +7,10 @@ device): XLA:CPU then runs every op inline, one after the other, so each op's
 time in the profiler trace is its own (on more cores, convolutions on XLA's
 Eigen path run asynchronously and their trace events show almost nothing).
 The trace's per-op times are matched by name to the compiled step's HLO and
-grouped: convolutions by path (oneDNN call, YNNPACK fusion or Eigen), window and output
-shape (a window as large as the feature map, with the kernel's shape as
-output, is a kernel gradient); then transposes, reductions and other fusions.
+grouped: convolutions by path (oneDNN call, YNNPACK fusion or Eigen), window
+and output shape (a window as large as the feature map, with the kernel's
+shape as output, is a kernel gradient); then transposes, reductions and other
+fusions.
 Time the whole step with benchmarks/train_step.py; this script is for finding
 what to speed up.
 """

@@ -360,8 +360,6 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     on_cpu = jax.default_backend() == 'cpu'
     materialize = on_cpu if self.materialize_blocks is None else self.materialize_blocks
-    pad_narrow = (pad_narrow_convs_by_default() if self.pad_narrow_convs is None
-                  else self.pad_narrow_convs)
     onednn = self.onednn_convs
     if onednn is None:
       onednn = on_cpu and onednn_conv.available()
@@ -369,8 +367,12 @@ class ResNet(nn.Module):
       raise RuntimeError(f'model.onednn_convs=True, but this jaxlib cannot run oneDNN '
                          f'convolutions ({onednn_conv.problem()}); set it to False or leave '
                          f'it unset (then used only where it works).')
-    conv_fn = (onednn_conv.conv_general_dilated if onednn
-               else narrow_conv_padded if pad_narrow else None)
+    if onednn:
+      conv_fn = onednn_conv.conv_general_dilated
+    else:
+      pad_narrow = (pad_narrow_convs_by_default() if self.pad_narrow_convs is None
+                    else self.pad_narrow_convs)
+      conv_fn = narrow_conv_padded if pad_narrow else None
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=conv_kernel_init,
                              conv_general_dilated=conv_fn)

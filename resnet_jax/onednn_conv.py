@@ -51,14 +51,13 @@ TARGET = '__onednn$convolution'
 # (batch or input feature, feature or output feature, spatial...) positions.
 NHWC = (0, 3, 1, 2)
 HWIO = (2, 3, 0, 1)
-_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                              out_spec=(0, 3, 1, 2))
+_DIMENSION_NUMBERS = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, ('NHWC', 'HWIO', 'NHWC'))
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _reference(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads) -> jax.Array:
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DIMENSION_NUMBERS)
 
 
 def _abstract_eval(x, w, *, strides, padding):
@@ -116,13 +115,13 @@ def _batch_axes(sharding: Any) -> Any:
 
 
 def _infer_sharding(strides, padding, mesh, arg_shapes, result_shape):
+  """The result is sharded over the batch as the input is; nothing else stays sharded."""
   del strides, padding, result_shape
   return NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding)))
 
 
 def _partition(strides, padding, mesh, arg_shapes, result_shape):
-  del result_shape
-  batch = NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding)))
+  batch = _infer_sharding(strides, padding, mesh, arg_shapes, result_shape)
 
   def per_shard(x, w):
     return _call_p.bind(x, w, strides=strides, padding=padding)
@@ -150,11 +149,14 @@ conv_p.def_abstract_eval(_abstract_eval)
 conv_p.def_impl(functools.partial(dispatch.apply_primitive, conv_p))
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-  """The manual mesh axes (shard_map) over which x varies."""
-  aval = jax.typeof(x)
+def _varying(aval: Any) -> frozenset:
+  """The manual mesh axes (shard_map) over which values of this type vary."""
   axis_type = getattr(aval, 'manual_axis_type', None)
   return axis_type.varying if axis_type is not None else getattr(aval, 'vma', frozenset())
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  return _varying(jax.typeof(x))
 
 
 def _bind(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads) -> jax.Array:
@@ -208,8 +210,7 @@ def _zeros_like(aval: Any) -> jax.Array:
   transpose adds no reduction of its own; `_bind`'s cast supplies that.
   """
   zeros = jnp.zeros(aval.shape, aval.dtype)
-  axis_type = getattr(aval, 'manual_axis_type', None)
-  axes = tuple(axis_type.varying) if axis_type is not None else ()
+  axes = tuple(_varying(aval))
   return lax.pcast(zeros, axes, to='varying') if axes else zeros
 
 
