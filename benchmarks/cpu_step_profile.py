@@ -9,8 +9,8 @@ Eigen path run asynchronously and their trace events show almost nothing).
 The trace's per-op times are matched by name to the compiled step's HLO and
 grouped: convolutions by path (oneDNN call, YNNPACK fusion or Eigen), window
 and output shape (a window as large as the feature map, with the kernel's
-shape as output, is a kernel gradient); then transposes, reductions and other
-fusions.
+shape as output, is a kernel gradient); oneDNN kernel gradients (resnet_jax's
+extension) by kernel shape; then transposes, reductions and other fusions.
 Time the whole step with benchmarks/train_step.py; this script is for finding
 what to speed up.
 """
@@ -50,8 +50,12 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     conv = re.search(r'= (\w+\[[\d,]*\])\S* convolution\(.*?(window=\{[^}]*\}).*?'
                      r'(dim_labels=[\w>\-]+)', body)
     onednn = re.search(r'= (\w+\[[\d,]*\])\S* custom-call\(.*__onednn\$convolution', line)
+    kernel_grad = re.search(r'= (\w+\[[\d,]*\])\S* custom-call\(.*'
+                            + onednn_conv.KERNEL_GRAD_TARGET, line)
     if onednn:
       kinds[name] = f'conv oneDNN (model.onednn_convs) -> {onednn.group(1)}'
+    elif kernel_grad:
+      kinds[name] = f'kernel gradient oneDNN (model.onednn_kernel_grads) -> {kernel_grad.group(1)}'
     elif conv:
       path = 'YNNPACK' if called else 'Eigen'
       kinds[name] = f'conv {path} {conv.group(2)} {conv.group(3)} -> {conv.group(1)}'

@@ -39,6 +39,11 @@ def get_config() -> config_dict.ConfigDict:
   # to float32 summation order; resnet_jax/onednn_conv.py). None: on x86-64 CPUs
   # where its start-up check passes. When on, pad_narrow_convs has no effect.
   c.model.onednn_convs = config_dict.placeholder(bool)
+  # With oneDNN convolutions, their kernel gradients on oneDNN too (resnet_jax's
+  # C++ extension, compiled on first use with g++ against the onednn-cpu-gomp
+  # pip package; resnet_jax/onednn_ext.py). None: where it builds and its
+  # start-up check passes; XLA's kernel gradients otherwise, with a warning.
+  c.model.onednn_kernel_grads = config_dict.placeholder(bool)
 
   # --- Data (resnet_jax.input_pipeline). ---
   c.data = config_dict.ConfigDict()

@@ -355,6 +355,10 @@ class ResNet(nn.Module):
   # the CPU backend where its check passes (`onednn_conv.problem`). When on,
   # pad_narrow_convs has no effect (oneDNN has no 16-feature slow path).
   onednn_convs: bool | None = None
+  # With onednn_convs: kernel gradients on oneDNN too (resnet_jax's C++ extension,
+  # resnet_jax/onednn_ext.py); None: where it builds and its check passes
+  # (`onednn_conv.kernel_gradient_problem`).
+  onednn_kernel_grads: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -368,7 +372,14 @@ class ResNet(nn.Module):
                          f'convolutions ({onednn_conv.problem()}); set it to False or leave '
                          f'it unset (then used only where it works).')
     if onednn:
-      conv_fn = onednn_conv.conv_general_dilated
+      kernel_grads = self.onednn_kernel_grads
+      if kernel_grads is None:
+        kernel_grads = on_cpu and onednn_conv.kernel_gradient_problem() is None
+      elif kernel_grads and on_cpu and onednn_conv.kernel_gradient_problem():
+        raise RuntimeError(f'model.onednn_kernel_grads=True, but they cannot run here '
+                           f'({onednn_conv.kernel_gradient_problem()}); set it to False or '
+                           f'leave it unset (then used only where they work).')
+      conv_fn = functools.partial(onednn_conv.conv_general_dilated, kernel_grads=kernel_grads)
     else:
       pad_narrow = (pad_narrow_convs_by_default() if self.pad_narrow_convs is None
                     else self.pad_narrow_convs)
@@ -500,7 +511,7 @@ def model_options(name: str) -> dict[str, tuple | None]:
   if name == 'vgg19':
     return {**_COMMON_OPTIONS, 'batch_norm': None}
   options = {**_COMMON_OPTIONS, 'zero_init_last_bn': None, 'materialize_blocks': None,
-             'pad_narrow_convs': None, 'onednn_convs': None}
+             'pad_narrow_convs': None, 'onednn_convs': None, 'onednn_kernel_grads': None}
   if name.startswith('resnet'):
     options['shortcut'] = SHORTCUTS
   if _REGISTRY[name].keywords.get('block_cls') is BottleneckBlock:

@@ -11,28 +11,35 @@ same. PyTorch's CPU convolutions are oneDNN's too.
 
 `conv_p` is a primitive that is bilinear like `lax.conv`, so `grad`, `jvp`,
 higher orders, `vmap` and `shard_map` work. Forward and tangents run on
-oneDNN; the input gradient of a stride-1 conv too (the flipped kernel);
-a strided conv's input gradient and every kernel gradient use XLA's own
-convolutions (oneDNN's forward primitive cannot express the kernel gradient
-efficiently; a strided input gradient as one stride-1 oneDNN conv per output
-phase, interleaved, was tried: no faster, as the interleave slows the fusion
-that consumes it).
-Under `jit` over a mesh the call is partitioned over the batch dimension
-(`custom_partitioning`), so each device convolves its own shard. Off the CPU
-it lowers to `lax.conv_general_dilated`. The result equals lax's up to float32
-summation order (tested).
+oneDNN; the input gradient of a stride-1 conv too (the flipped kernel). The
+kernel gradient (`kernel_grads=True`, the default where it works) runs
+oneDNN's backward-weights primitive through resnet_jax's own C++ extension
+(`kernel_grad_p`; csrc/onednn_kernel_grad.cc, built on first use by
+`onednn_ext`): XLA:CPU's custom call is a forward convolution only, and the
+kernel gradient posed as one picked oneDNN's reference implementation. A
+strided conv's input gradient uses XLA's own convolution (as one stride-1
+oneDNN conv per output phase, interleaved, it was no faster: the interleave
+slows the fusion that consumes it), as does every kernel gradient when the
+extension is unavailable (`kernel_gradient_problem`).
+Under `jit` over a mesh both calls are partitioned over the batch dimension
+(`custom_partitioning`): each device convolves its own shard, and each sums
+the kernel gradient over its own shard before one all-reduce adds the shards.
+Off the CPU they lower to `lax.conv_general_dilated`. Results equal lax's up
+to float32 summation order (tested).
 
 Only channels-last (NHWC input, HWIO kernel) float32 2-D convs without
 dilation or groups, with a non-empty result, take this path;
 `conv_general_dilated` passes anything else to lax unchanged. Not supported:
-`jax.export` (the call is XLA-internal). `problem()` says whether this
-process can use it (x86-64 CPUs; jax as pinned in pyproject.toml).
+`jax.export` (the calls are XLA-internal or this process's own). `problem()`
+says whether this process can use the convolutions (x86-64 CPUs; jax as
+pinned in pyproject.toml), `kernel_gradient_problem()` the kernel gradients.
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
 import platform
 from typing import Any, Sequence
 
@@ -45,6 +52,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax._src import dispatch  # pylint: disable=g-bad-import-order
+
+from resnet_jax import onednn_ext
 
 _LOG = logging.getLogger(__name__)
 TARGET = '__onednn$convolution'
@@ -60,8 +69,9 @@ def _reference(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pa
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DIMENSION_NUMBERS)
 
 
-def _abstract_eval(x, w, *, strides, padding):
+def _abstract_eval(x, w, *, strides, padding, kernel_grads=False):
   """lax's own rule: its shape checks and errors, and the output's sharding and vma type."""
+  del kernel_grads
   out, _ = lax.conv_general_dilated_p.abstract_eval(
       x, w, window_strides=strides, padding=padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1),
       dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=1, batch_group_count=1,
@@ -159,17 +169,24 @@ def _varying_axes(x: jax.Array) -> frozenset:
   return _varying(jax.typeof(x))
 
 
-def _bind(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads) -> jax.Array:
-  """conv_p on operands made to vary over the same manual axes (as lax's binds do in shard_map)."""
-  vma_x, vma_w = _varying_axes(x), _varying_axes(w)
-  if vma_w - vma_x:
-    x = lax.pcast(x, tuple(vma_w - vma_x), to='varying')
-  if vma_x - vma_w:
-    w = lax.pcast(w, tuple(vma_x - vma_w), to='varying')
-  return conv_p.bind(x, w, strides=strides, padding=padding)
+def _same_varying(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Both operands made to vary over the same manual axes (as lax's binds do in shard_map)."""
+  vma_a, vma_b = _varying_axes(a), _varying_axes(b)
+  if vma_b - vma_a:
+    a = lax.pcast(a, tuple(vma_b - vma_a), to='varying')
+  if vma_a - vma_b:
+    b = lax.pcast(b, tuple(vma_a - vma_b), to='varying')
+  return a, b
 
 
-def _cpu_lowering(ctx, x, w, *, strides, padding):
+def _bind(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads,
+          kernel_grads: bool) -> jax.Array:
+  x, w = _same_varying(x, w)
+  return conv_p.bind(x, w, strides=strides, padding=padding, kernel_grads=kernel_grads)
+
+
+def _cpu_lowering(ctx, x, w, *, strides, padding, kernel_grads):
+  del kernel_grads
   call = lambda x, w: _partitioned_call(x, w, strides, padding)  # noqa: E731
   return mlir.lower_fun(call, multiple_results=False)(ctx, x, w)
 
@@ -184,22 +201,26 @@ _NEEDS_DEVICES = getattr(dispatch, 'prim_requires_devices_during_lowering', None
 if _NEEDS_DEVICES is not None:
   _NEEDS_DEVICES.add(conv_p)
 mlir.register_lowering(conv_p, mlir.lower_fun(
-    lambda x, w, *, strides, padding: _reference(x, w, strides, padding),
+    lambda x, w, *, strides, padding, kernel_grads: _reference(x, w, strides, padding),
     multiple_results=False))
 
 
-def _input_gradient(ct, x, w, *, strides, padding):
+def _input_gradient(ct, x, w, *, strides, padding, kernel_grads):
   """Transpose in the input: a stride-1 conv's is a conv with the kernel flipped (oneDNN)."""
   kernel = w.shape[:2]
   if strides == (1, 1) and all(0 <= p <= k - 1 for pads, k in zip(padding, kernel) for p in pads):
     flipped = jnp.flip(w, (0, 1)).swapaxes(2, 3)
     pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel))
-    return _bind(ct, flipped, (1, 1), pads)
+    return _bind(ct, flipped, (1, 1), pads, kernel_grads)
   return jax.vjp(lambda x: _reference(x, w, strides, padding), _zeros_like(x.aval))[1](ct)[0]
 
 
-def _kernel_gradient(ct, x, w, *, strides, padding):
-  """Transpose in the kernel: XLA's own kernel-gradient convolution."""
+def _kernel_gradient(ct, x, w, *, strides, padding, kernel_grads):
+  """Transpose in the kernel: oneDNN's backward-weights (`kernel_grads`) or XLA's own."""
+  if kernel_grads:
+    x, ct = _same_varying(x, ct)
+    return kernel_grad_p.bind(x, ct, kernel_shape=tuple(w.aval.shape), strides=strides,
+                              padding=padding)
   return jax.vjp(lambda w: _reference(x, w, strides, padding), _zeros_like(w.aval))[1](ct)[0]
 
 
@@ -217,18 +238,146 @@ def _zeros_like(aval: Any) -> jax.Array:
 ad.defbilinear(conv_p, _input_gradient, _kernel_gradient)
 
 
-def _batch(args, dims, *, strides, padding):
+def _batch(args, dims, *, strides, padding, kernel_grads):
   """vmap: a batched input folds into the conv's own batch; anything else runs lax's conv."""
   (x, w), (x_dim, w_dim) = args, dims
   if w_dim is None:  # not mapped
     x = jnp.moveaxis(x, x_dim, 0)
-    y = _bind(x.reshape(-1, *x.shape[2:]), w, strides, padding)
+    y = _bind(x.reshape(-1, *x.shape[2:]), w, strides, padding, kernel_grads)
     return y.reshape(x.shape[0], x.shape[1], *y.shape[1:]), 0
   conv = functools.partial(_reference, strides=strides, padding=padding)
   return jax.vmap(conv, in_axes=(x_dim, w_dim))(x, w), 0
 
 
 batching.primitive_batchers[conv_p] = _batch
+
+
+# The kernel gradient on oneDNN's backward-weights primitive, from resnet_jax's
+# C++ extension (csrc/onednn_kernel_grad.cc, built by onednn_ext). XLA computes
+# it as a convolution with batch and features swapped (lax's transpose rule),
+# which needs both operands transposed; oneDNN reads them as they are.
+KERNEL_GRAD_TARGET = 'resnet_jax_onednn_kernel_gradient'
+# lax's transpose rule for the kernel: batch and feature roles swapped.
+_KERNEL_GRAD_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(
+    lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2), out_spec=(2, 3, 0, 1))
+
+
+def _kernel_gradient_padding(x_shape, ct_shape, kernel_shape, strides, padding) -> Pads:
+  """The padding of the kernel gradient as a convolution of x with ct (as lax's rule)."""
+  pads = []
+  for size, out, k, s, (lo, _) in zip(x_shape[1:3], ct_shape[1:3], kernel_shape[:2], strides,
+                                      padding):
+    pads.append((lo, (out - 1) * s + 1 - size + k - lo - 1))
+  return tuple(pads)
+
+
+def _kernel_gradient_reference(x, ct, *, kernel_shape, strides, padding):
+  pads = _kernel_gradient_padding(x.shape, ct.shape, kernel_shape, strides, padding)
+  return lax.conv_general_dilated(x, ct, (1, 1), pads, rhs_dilation=strides,
+                                  dimension_numbers=_KERNEL_GRAD_DIMENSION_NUMBERS)
+
+
+def _kernel_gradient_abstract_eval(x, ct, *, kernel_shape, strides, padding):
+  out, _ = lax.conv_general_dilated_p.abstract_eval(
+      x, ct, window_strides=(1, 1),
+      padding=_kernel_gradient_padding(x.shape, ct.shape, kernel_shape, strides, padding),
+      lhs_dilation=(1, 1), rhs_dilation=strides,
+      dimension_numbers=_KERNEL_GRAD_DIMENSION_NUMBERS, feature_group_count=1,
+      batch_group_count=1, precision=None, preferred_element_type=None, out_sharding=None)
+  assert out.shape == tuple(kernel_shape), (out.shape, kernel_shape)
+  return out
+
+
+# The FFI call: one device's (or shard's) part of the sum over the batch.
+_kernel_call_p = Primitive('onednn_kernel_gradient_call')
+_kernel_call_p.def_abstract_eval(_kernel_gradient_abstract_eval)
+
+
+def threads_per_device() -> int:
+  """oneDNN threads per call: this process's cores shared among its XLA CPU devices."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, (cores or 1) // len(jax.local_devices(backend='cpu')))
+
+
+def _kernel_call_lowering(ctx, x, ct, *, kernel_shape, strides, padding):
+  del kernel_shape  # the result's shape
+  _register_kernel_gradient()  # builds the extension if needed, or says what is missing
+  (top, bottom), (left, right) = padding
+  return jax.ffi.ffi_lowering(KERNEL_GRAD_TARGET)(
+      ctx, x, ct, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+      pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+      pad_right=np.int64(right), threads=np.int64(threads_per_device()))
+
+
+mlir.register_lowering(_kernel_call_p, _kernel_call_lowering, platform='cpu')
+
+
+def _kernel_partition(kernel_shape, strides, padding, mesh, arg_shapes, result_shape):
+  """Each device sums over its batch shard; a psum over the batch's mesh axes adds them up."""
+  del result_shape
+  axes = _batch_axes(arg_shapes[0].sharding)
+  batch = NamedSharding(mesh, P(axes))
+
+  def per_shard(x, ct):
+    dw = _kernel_call_p.bind(x, ct, kernel_shape=kernel_shape, strides=strides, padding=padding)
+    return lax.psum(dw, axes) if axes is not None else dw
+
+  return mesh, per_shard, NamedSharding(mesh, P()), (batch, batch)
+
+
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+def _partitioned_kernel_call(x, ct, kernel_shape, strides, padding):
+  return _kernel_call_p.bind(x, ct, kernel_shape=kernel_shape, strides=strides, padding=padding)
+
+
+_partitioned_kernel_call.def_partition(
+    partition=_kernel_partition,
+    infer_sharding_from_operands=lambda *args: NamedSharding(args[3], P()),
+    propagate_user_sharding=lambda *args: args[-1].sharding,
+    # The batch (n) may stay sharded (the partition sums over it); nothing else.
+    sharding_rule='n h w c, n i j o -> k l c o',
+    need_replication_factors=('h', 'w', 'c', 'i', 'j', 'o', 'k', 'l'))
+
+# The differentiable kernel gradient (bilinear in x and ct: second order works).
+kernel_grad_p = Primitive('onednn_kernel_gradient')
+kernel_grad_p.def_abstract_eval(_kernel_gradient_abstract_eval)
+kernel_grad_p.def_impl(functools.partial(dispatch.apply_primitive, kernel_grad_p))
+
+
+def _kernel_grad_cpu_lowering(ctx, x, ct, *, kernel_shape, strides, padding):
+  call = lambda x, ct: _partitioned_kernel_call(x, ct, kernel_shape, strides, padding)  # noqa
+  return mlir.lower_fun(call, multiple_results=False)(ctx, x, ct)
+
+
+mlir.register_lowering(kernel_grad_p, _kernel_grad_cpu_lowering, platform='cpu',
+                       cacheable=False)
+if _NEEDS_DEVICES is not None:
+  _NEEDS_DEVICES.add(kernel_grad_p)
+mlir.register_lowering(kernel_grad_p, mlir.lower_fun(_kernel_gradient_reference,
+                                                     multiple_results=False))
+
+
+def _kernel_grad_x_transpose(dw_ct, x, ct, *, kernel_shape, strides, padding):
+  """d<dw_ct, dW(x, ct)>/dx: the input gradient of conv(x, dw_ct) at output cotangent ct."""
+  del kernel_shape
+  return _input_gradient(ct, x, dw_ct, strides=strides, padding=padding, kernel_grads=True)
+
+
+def _kernel_grad_ct_transpose(dw_ct, x, ct, *, kernel_shape, strides, padding):
+  """d<dw_ct, dW(x, ct)>/dct: the forward conv of x with dw_ct."""
+  del ct, kernel_shape
+  return _bind(x, dw_ct, strides, padding, True)
+
+
+ad.defbilinear(kernel_grad_p, _kernel_grad_x_transpose, _kernel_grad_ct_transpose)
+
+
+def _kernel_grad_batch(args, dims, **params):
+  return jax.vmap(functools.partial(_kernel_gradient_reference, **params), in_axes=dims)(
+      *args), 0
+
+
+batching.primitive_batchers[kernel_grad_p] = _kernel_grad_batch
 
 
 @functools.cache
@@ -276,6 +425,51 @@ def available() -> bool:
   return problem() is None
 
 
+@functools.cache
+def _register_kernel_gradient() -> None:
+  library = onednn_ext.load()
+  jax.ffi.register_ffi_target(KERNEL_GRAD_TARGET,
+                             jax.ffi.pycapsule(library.ResnetJaxOnednnKernelGradient),
+                             platform='cpu')
+
+
+@functools.cache
+def kernel_gradient_problem() -> str | None:
+  """Why this process cannot run kernel gradients on oneDNN, or None if it can.
+
+  Needs the convolutions (`problem`) and resnet_jax's C++ extension (built on
+  first use, see `onednn_ext`); then one strided, lopsidedly padded kernel
+  gradient must match lax's.
+  """
+  reason = problem()
+  if reason is None:
+    with jax.ensure_compile_time_eval():
+      reason = _check_kernel_gradient()
+    if reason:
+      _LOG.warning('oneDNN kernel gradients are not available, XLA computes them: %s', reason)
+  return reason
+
+
+def _check_kernel_gradient() -> str | None:
+  try:
+    _register_kernel_gradient()
+    device = jax.local_devices(backend='cpu')[0]
+    x = jax.device_put(np.linspace(-1, 1, 2 * 7 * 6 * 3, dtype=np.float32).reshape(2, 7, 6, 3),
+                       device)
+    ct = jax.device_put(np.linspace(1, -1, 2 * 3 * 6 * 5, dtype=np.float32).reshape(2, 3, 6, 5),
+                        device)  # the output shape of a (2, 1)-strided 3x3 conv of x
+    params = {'kernel_shape': (3, 3, 3, 5), 'strides': (2, 1), 'padding': ((1, 0), (2, 0))}
+    got = jax.jit(lambda x, ct: _kernel_call_p.bind(x, ct, **params))(x, ct)
+    want = _kernel_gradient_reference(x, ct, **params)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+      return 'the extension computed a different kernel gradient than lax'
+  except onednn_ext.ExtensionError as e:
+    return str(e)[:1000]
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'.strip()[:1000]
+  return None
+
+
 def supported(lhs: jax.Array, rhs: jax.Array, padding: Any, lhs_dilation: Any = None,
               rhs_dilation: Any = None, dimension_numbers: Any = None,
               feature_group_count: int = 1, batch_group_count: int = 1,
@@ -296,8 +490,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          padding: Any, lhs_dilation: Any = None, rhs_dilation: Any = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision: Any = None,
-                         preferred_element_type: Any = None) -> jax.Array:
-  """`lax.conv_general_dilated`, on oneDNN where `supported` (see the module docstring)."""
+                         preferred_element_type: Any = None, *,
+                         kernel_grads: bool | None = None) -> jax.Array:
+  """`lax.conv_general_dilated`, on oneDNN where `supported` (see the module docstring).
+
+  kernel_grads: the kernel gradient on oneDNN too (resnet_jax's C++ extension);
+  None: where `kernel_gradient_problem` finds none.
+  """
   def stock() -> jax.Array:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -314,4 +513,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                in zip(lhs.shape[1:3], pads, rhs.shape[:2]))
   if len(strides) != 2 or empty:  # lax's errors, or an empty result
     return stock()
-  return _bind(lhs, rhs, strides, pads)
+  if kernel_grads is None:
+    kernel_grads = kernel_gradient_problem() is None
+  return _bind(lhs, rhs, strides, pads, bool(kernel_grads))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import models, onednn_conv
+from resnet_jax import models, onednn_conv, onednn_ext
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -22,6 +22,13 @@ def _value_and_grads(conv, strides, padding, **kwargs):
 
 def _custom_calls(compiled_text):
   return re.findall(r'(\w+\[[\d,]*\])\S* custom-call\([^\n]*__onednn\$convolution', compiled_text)
+
+
+def _kernel_grad_calls(compiled_text):
+  """The operand shapes of each oneDNN kernel-gradient call (resnet_jax's extension)."""
+  return re.findall(f'custom_call_target="{onednn_conv.KERNEL_GRAD_TARGET}", '
+                    r'operand_layout_constraints=\{(\w+\[[\d,]*\])\{[\d,]*\}, (\w+\[[\d,]*\])',
+                    compiled_text)
 
 
 def _assert_close(a, ref):
@@ -41,17 +48,24 @@ def _assert_close(a, ref):
     ((2, 9, 8, 4), (3, 2, 4, 6), (3, 2), ((2, 0), (1, 1)), 1),      # unequal strides, kernel
     ((2, 6, 6, 4), (3, 3, 4, 6), (1, 1), ((3, 3), (0, 0)), 1),      # padding > kernel - 1
 ])
-def test_same_convolution_as_lax(x_shape, kernel_shape, strides, padding, calls):
+@pytest.mark.parametrize('kernel_grads', [False, True])
+def test_same_convolution_as_lax(x_shape, kernel_shape, strides, padding, calls, kernel_grads):
   x = jax.random.normal(jax.random.key(0), x_shape)
   w = jax.random.normal(jax.random.key(1), kernel_shape)
   (_, y_ref), grads_ref = _value_and_grads(jax.lax.conv_general_dilated, strides, padding)(x, w)
-  step = _value_and_grads(onednn_conv.conv_general_dilated, strides, padding)
+  step = _value_and_grads(onednn_conv.conv_general_dilated, strides, padding,
+                          kernel_grads=kernel_grads)
   (_, y), grads = step(x, w)
   # Float32 rounding only: the sums run in another order.
   for a, ref in ((y, y_ref), *zip(grads, grads_ref)):
     _assert_close(a, ref)
-  # oneDNN runs the forward conv and, at stride 1, the input gradient; XLA the rest.
-  assert len(_custom_calls(step.lower(x, w).compile().as_text())) == calls
+  # oneDNN runs the forward conv and, at stride 1, the input gradient; the
+  # kernel gradient on request (resnet_jax's extension); XLA the rest.
+  text = step.lower(x, w).compile().as_text()
+  assert len(_custom_calls(text)) == calls
+  assert _kernel_grad_calls(text) == ([(f'f32[{",".join(map(str, x_shape))}]',
+                                        f'f32[{",".join(map(str, y.shape))}]')]
+                                      if kernel_grads else [])
   # Forward mode too.
   def conv(conv_fn, x, w):
     return conv_fn(x, w, strides, padding, dimension_numbers=DIMS)
@@ -96,9 +110,12 @@ def test_a_batch_sharded_jit_convolves_each_shard_on_its_own_device():
   x_sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
   w_replicated = jax.device_put(w, NamedSharding(mesh, P()))
   text = step.lower(x_sharded, w_replicated).compile().as_text()
-  # Each device's calls see its own 2 images; nothing gathers the batch.
+  # Each device's calls see its own 2 images; nothing gathers the batch; the
+  # kernel gradient sums its shard, then one all-reduce adds the shards up.
   assert _custom_calls(text) == ['f32[2,8,8,16]'] * 2, _custom_calls(text)
+  assert _kernel_grad_calls(text) == [('f32[2,8,8,16]', 'f32[2,8,8,16]')], text
   assert 'all-gather' not in text
+  assert len(re.findall(r'f32\[3,3,16,16\]\S* all-reduce\(', text)) == 1, text
   (_, y), grads = step(x_sharded, w_replicated)
   (_, y_ref), grads_ref = _value_and_grads(jax.lax.conv_general_dilated, (1, 1), 'SAME')(x, w)
   assert y.sharding.spec[0] == 'data'
@@ -114,6 +131,12 @@ def test_pmap_runs_it_per_device():
   assert _custom_calls(fn(onednn_conv.conv_general_dilated).lower(x).compile().as_text())
   np.testing.assert_allclose(fn(onednn_conv.conv_general_dilated)(x),
                              fn(jax.lax.conv_general_dilated)(x), rtol=1e-5, atol=1e-4)
+  # Each device's kernel gradient of its own images, summed over devices by the caller.
+  grad = lambda conv: jax.pmap(jax.grad(lambda w, x: jnp.sum(jnp.sin(  # noqa: E731
+      conv(x, w, (1, 1), 'SAME', dimension_numbers=DIMS)))), in_axes=(None, 0))
+  text = grad(onednn_conv.conv_general_dilated).lower(w, x).compile().as_text()
+  assert _kernel_grad_calls(text) == [('f32[2,8,8,16]', 'f32[2,8,8,16]')]
+  _assert_close(grad(onednn_conv.conv_general_dilated)(w, x), grad(jax.lax.conv_general_dilated)(w, x))
 
 
 def _conv(conv_fn, strides=(1, 1), padding='SAME'):
@@ -126,9 +149,12 @@ def test_higher_order_derivatives_match_lax():
   results = []
   for conv_fn in (onednn_conv.conv_general_dilated, jax.lax.conv_general_dilated):
     loss = lambda x, w, conv=_conv(conv_fn): jnp.sum(jnp.sin(conv(x, w)))
-    grad_x = jax.grad(loss)
+    grad_x, grad_w = jax.grad(loss), jax.grad(loss, 1)
     results.append((jax.grad(lambda w: jnp.sum(grad_x(x, w) ** 2))(w),          # grad of grad
-                    jax.jvp(lambda x: grad_x(x, w), (x,), (jnp.cos(x),))[1]))  # jvp of grad
+                    jax.jvp(lambda x: grad_x(x, w), (x,), (jnp.cos(x),))[1],   # jvp of grad
+                    # The kernel gradient's own derivatives (in x and in the output's).
+                    jax.grad(lambda x: jnp.sum(grad_w(x, w) ** 2))(x),
+                    jax.jvp(lambda w: grad_w(x, w), (w,), (jnp.cos(w),))[1]))
   jax.tree.map(_assert_close, *results)
 
 
@@ -144,6 +170,15 @@ def test_vmap_matches_lax(in_axes):
   jaxpr = str(jax.make_jaxpr(jax.vmap(_conv(onednn_conv.conv_general_dilated), in_axes))(x, w))
   # A batched input folds into the conv's batch and stays on oneDNN.
   assert ('onednn_conv2d' in jaxpr) == (in_axes[1] is None), jaxpr
+
+
+def test_vmap_of_the_kernel_gradient_matches_lax():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  grads = [jax.vmap(jax.grad(lambda w, x, conv=_conv(conv_fn, (2, 2)): jnp.sum(jnp.sin(conv(
+      x, w)))), (None, 0))(w, x)
+           for conv_fn in (onednn_conv.conv_general_dilated, jax.lax.conv_general_dilated)]
+  _assert_close(*grads)
 
 
 def test_grad_inside_shard_map_matches_lax():
@@ -182,10 +217,12 @@ def test_resnet20_on_onednn_is_the_same_network():
                               mutable=['batch_stats'])
       return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    calls.append(len(_custom_calls(step.lower(variables['params']).compile().as_text())))
+    text = step.lower(variables['params']).compile().as_text()
+    calls.append((len(_custom_calls(text)), len(_kernel_grad_calls(text))))
     results.append(step(variables['params']))
-  # 19 forward convs, and the input gradients of the 16 stride-1 block convs.
-  assert calls == [0, 19 + 16]
+  # 19 forward convs, and the input gradients of the 16 stride-1 block convs;
+  # the kernel gradients of all 19.
+  assert calls == [(0, 0), (19 + 16, 19)]
   ((_, logits_a), grads_a), ((_, logits_b), grads_b) = results
   _assert_close(logits_b, logits_a)
   jax.tree.map(_assert_close, grads_b, grads_a)
@@ -226,3 +263,54 @@ def test_a_jaxlib_that_reads_the_call_differently_is_caught_before_training(monk
     onednn_conv.problem.cache_clear()
   # First asked while a model is traced (as in a jitted init), it still runs the check.
   assert bool(jax.jit(lambda: jnp.asarray(onednn_conv.available()))())
+
+
+def test_the_extension_is_compiled_once_then_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv('RESNET_JAX_CACHE', str(tmp_path))
+  path = onednn_ext.build()
+  assert path.parent == tmp_path and path.name.startswith('onednn_kernel_grad-')
+  mtime = path.stat().st_mtime_ns
+  assert onednn_ext.build() == path and path.stat().st_mtime_ns == mtime
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
+
+
+def test_the_extension_says_what_is_missing(tmp_path, monkeypatch):
+  monkeypatch.setenv('RESNET_JAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  with pytest.raises(onednn_ext.ExtensionError, match=r'no C\+\+ compiler.*set CXX'):
+    onednn_ext.build()
+  monkeypatch.delenv('CXX')
+  monkeypatch.setattr(onednn_ext, 'ONEDNN', 'no-such-package')
+  with pytest.raises(onednn_ext.ExtensionError, match='no-such-package is not installed'):
+    onednn_ext.build()
+  monkeypatch.undo()
+  monkeypatch.setenv('RESNET_JAX_CACHE', str(tmp_path))
+  broken = tmp_path / 'broken.cc'
+  broken.write_text('#error this source does not compile\n')
+  monkeypatch.setattr(onednn_ext, 'SOURCE', broken)
+  with pytest.raises(onednn_ext.ExtensionError, match='(?s)failed.*this source does not compile'):
+    onednn_ext.build()
+  assert [p.name for p in tmp_path.iterdir()] == ['broken.cc']
+
+
+def test_without_the_extension_xla_computes_kernel_gradients(monkeypatch):
+  """The model then uses XLA's by default; an explicit request fails with a clear error."""
+  def unavailable():
+    raise onednn_ext.ExtensionError('the pip package onednn-cpu-gomp is not installed')
+  monkeypatch.setattr(onednn_conv, '_register_kernel_gradient', unavailable)
+  onednn_conv.kernel_gradient_problem.cache_clear()
+  try:
+    assert 'onednn-cpu-gomp' in onednn_conv.kernel_gradient_problem()
+    x = jnp.zeros((2, 8, 8, 3))
+    model = models.create_model('resnet20', 10)
+    variables = model.init(jax.random.key(0), x, train=False)
+    loss = lambda p: jnp.sum(model.apply({**variables, 'params': p}, x, train=False))  # noqa
+    text = jax.jit(jax.grad(loss)).lower(variables['params']).compile().as_text()
+    assert _custom_calls(text) and not _kernel_grad_calls(text)
+    model = models.create_model('resnet20', 10, onednn_kernel_grads=True)
+    with pytest.raises(RuntimeError, match='model.onednn_kernel_grads=True, but.*onednn-cpu'):
+      model.init(jax.random.key(0), x, train=False)
+  finally:
+    monkeypatch.undo()
+    onednn_conv.kernel_gradient_problem.cache_clear()
+  assert onednn_conv.kernel_gradient_problem() is None
