@@ -104,7 +104,8 @@ def run_case(args, model, batch, image, parallel, devices) -> dict:
          f'--dtype={args.dtype}']
   env = (malloc.environ_with_huge_pages(os.environ) if args.huge_pages
          else {**os.environ, 'GLIBC_TUNABLES': f'{malloc.TUNABLE}=0'})
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = ' '.join(filter(None, [  # the caller's XLA flags, then the device count
+      os.environ.get('XLA_FLAGS', ''), f'--xla_force_host_platform_device_count={devices}']))
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   if out.returncode:
     raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')

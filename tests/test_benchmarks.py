@@ -63,3 +63,21 @@ def test_compare_options_times_each_variant_in_one_process():
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and error in bad.stderr, bad.stderr[-2000:]
 
+
+def test_cpu_vs_torch_times_each_contender_in_turns():
+  script = os.path.join(helpers.REPO, 'benchmarks', 'cpu_vs_torch.py')
+  out = subprocess.run([sys.executable, script, '--batch=4', '--steps=1', '--rounds=2',
+                        '--jax=jit:2', '--jax=pmap:1:--xla_cpu_multi_thread_eigen=false'],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line for line in out.stdout.splitlines() if line.startswith(('resnet_jax', 'PyTorch'))]
+  names = ['resnet_jax jit, 2 XLA CPU devices ',
+           'resnet_jax pmap, 1 XLA CPU device, --xla_cpu_multi_thread_eigen=false ']
+  assert [row for row in rows if row.startswith('resnet_jax')] == [
+      row for name in names for row in rows if row.startswith(name)], out.stdout
+  for row in rows:
+    *_, first, second = row.split()
+    assert float(first) > 0 and float(second) > 0  # one block per round
+  bad = subprocess.run([sys.executable, script, '--jax=jit'], capture_output=True, text=True,
+                       check=False)
+  assert bad.returncode == 2 and 'expected jit:N or pmap:N' in bad.stderr, bad.stderr[-2000:]
