@@ -207,8 +207,8 @@ def main() -> None:
     import torch  # pylint: disable=import-outside-toplevel,unused-import
     names = [TORCH, TORCH_CHANNELS_LAST]
   except ImportError:
-    print('PyTorch is not installed (pip install torch==2.13.0, CPU build): '
-          'resnet_jax only, no ratios')
+    print('No comparison: PyTorch is not installed here (pip install torch==2.13.0, CPU '
+          'build); resnet_jax only')
     names = []
   names += jax_cases
   print(f'$ python {" ".join(sys.argv)}')

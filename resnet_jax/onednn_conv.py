@@ -220,7 +220,7 @@ def _kernel_gradient(ct, x, w, *, strides, padding, kernel_grads):
   if kernel_grads:
     x, ct = _same_varying(x, ct)
     return kernel_grad_p.bind(x, ct, kernel_shape=tuple(w.aval.shape), strides=strides,
-                              padding=padding)
+                              padding=padding, kernel_sharding=w.aval.sharding)
   return jax.vjp(lambda w: _reference(x, w, strides, padding), _zeros_like(w.aval))[1](ct)[0]
 
 
@@ -271,19 +271,23 @@ def _kernel_gradient_padding(x_shape, ct_shape, kernel_shape, strides, padding) 
   return tuple(pads)
 
 
-def _kernel_gradient_reference(x, ct, *, kernel_shape, strides, padding):
+def _kernel_gradient_reference(x, ct, *, kernel_shape, strides, padding, kernel_sharding=None):
   pads = _kernel_gradient_padding(x.shape, ct.shape, kernel_shape, strides, padding)
   return lax.conv_general_dilated(x, ct, (1, 1), pads, rhs_dilation=strides,
-                                  dimension_numbers=_KERNEL_GRAD_DIMENSION_NUMBERS)
+                                  dimension_numbers=_KERNEL_GRAD_DIMENSION_NUMBERS,
+                                  out_sharding=kernel_sharding)
 
 
-def _kernel_gradient_abstract_eval(x, ct, *, kernel_shape, strides, padding):
+def _kernel_gradient_abstract_eval(x, ct, *, kernel_shape, strides, padding,
+                                   kernel_sharding=None):
+  """lax's rule for its own kernel-gradient conv (as lax's transpose binds it)."""
   out, _ = lax.conv_general_dilated_p.abstract_eval(
       x, ct, window_strides=(1, 1),
       padding=_kernel_gradient_padding(x.shape, ct.shape, kernel_shape, strides, padding),
       lhs_dilation=(1, 1), rhs_dilation=strides,
       dimension_numbers=_KERNEL_GRAD_DIMENSION_NUMBERS, feature_group_count=1,
-      batch_group_count=1, precision=None, preferred_element_type=None, out_sharding=None)
+      batch_group_count=1, precision=None, preferred_element_type=None,
+      out_sharding=kernel_sharding)
   assert out.shape == tuple(kernel_shape), (out.shape, kernel_shape)
   return out
 
@@ -294,13 +298,20 @@ _kernel_call_p.def_abstract_eval(_kernel_gradient_abstract_eval)
 
 
 def threads_per_device() -> int:
-  """oneDNN threads per call: this process's cores shared among its XLA CPU devices."""
+  """oneDNN threads per call: this process's cores shared among its XLA CPU devices.
+
+  One where OMP_THREAD_LIMIT is set: oneDNN splits the work for the thread
+  count it planned with, and the limit counts the threads of all devices'
+  concurrent calls together, so a call could get fewer.
+  """
+  if os.environ.get('OMP_THREAD_LIMIT'):
+    return 1
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   return max(1, (cores or 1) // len(jax.local_devices(backend='cpu')))
 
 
-def _kernel_call_lowering(ctx, x, ct, *, kernel_shape, strides, padding):
-  del kernel_shape  # the result's shape
+def _kernel_call_lowering(ctx, x, ct, *, kernel_shape, strides, padding, kernel_sharding):
+  del kernel_shape, kernel_sharding  # the result's type
   _register_kernel_gradient()  # builds the extension if needed, or says what is missing
   (top, bottom), (left, right) = padding
   return jax.ffi.ffi_lowering(KERNEL_GRAD_TARGET)(
@@ -312,27 +323,32 @@ def _kernel_call_lowering(ctx, x, ct, *, kernel_shape, strides, padding):
 mlir.register_lowering(_kernel_call_p, _kernel_call_lowering, platform='cpu')
 
 
-def _kernel_partition(kernel_shape, strides, padding, mesh, arg_shapes, result_shape):
+def _kernel_partition(kernel_shape, strides, padding, kernel_sharding, mesh, arg_shapes,
+                      result_shape):
   """Each device sums over its batch shard; a psum over the batch's mesh axes adds them up."""
-  del result_shape
+  del kernel_sharding, result_shape
   axes = _batch_axes(arg_shapes[0].sharding)
+  if axes is None:  # x replicated: shard both as ct is rather than gather ct
+    axes = _batch_axes(arg_shapes[1].sharding)
   batch = NamedSharding(mesh, P(axes))
 
   def per_shard(x, ct):
-    dw = _kernel_call_p.bind(x, ct, kernel_shape=kernel_shape, strides=strides, padding=padding)
+    dw = _kernel_call_p.bind(x, ct, kernel_shape=kernel_shape, strides=strides,
+                             padding=padding, kernel_sharding=None)
     return lax.psum(dw, axes) if axes is not None else dw
 
   return mesh, per_shard, NamedSharding(mesh, P()), (batch, batch)
 
 
-@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-def _partitioned_kernel_call(x, ct, kernel_shape, strides, padding):
-  return _kernel_call_p.bind(x, ct, kernel_shape=kernel_shape, strides=strides, padding=padding)
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4, 5))
+def _partitioned_kernel_call(x, ct, kernel_shape, strides, padding, kernel_sharding):
+  return _kernel_call_p.bind(x, ct, kernel_shape=kernel_shape, strides=strides, padding=padding,
+                             kernel_sharding=kernel_sharding)
 
 
 _partitioned_kernel_call.def_partition(
     partition=_kernel_partition,
-    infer_sharding_from_operands=lambda *args: NamedSharding(args[3], P()),
+    infer_sharding_from_operands=lambda *args: NamedSharding(args[4], P()),
     propagate_user_sharding=lambda *args: args[-1].sharding,
     # The batch (n) may stay sharded (the partition sums over it); nothing else.
     sharding_rule='n h w c, n i j o -> k l c o',
@@ -344,8 +360,10 @@ kernel_grad_p.def_abstract_eval(_kernel_gradient_abstract_eval)
 kernel_grad_p.def_impl(functools.partial(dispatch.apply_primitive, kernel_grad_p))
 
 
-def _kernel_grad_cpu_lowering(ctx, x, ct, *, kernel_shape, strides, padding):
-  call = lambda x, ct: _partitioned_kernel_call(x, ct, kernel_shape, strides, padding)  # noqa
+def _kernel_grad_cpu_lowering(ctx, x, ct, *, kernel_shape, strides, padding, kernel_sharding):
+  # The partition's result is replicated; XLA reshards it to kernel_sharding if need be.
+  call = lambda x, ct: _partitioned_kernel_call(  # noqa: E731
+      x, ct, kernel_shape, strides, padding, kernel_sharding)
   return mlir.lower_fun(call, multiple_results=False)(ctx, x, ct)
 
 
@@ -357,22 +375,23 @@ mlir.register_lowering(kernel_grad_p, mlir.lower_fun(_kernel_gradient_reference,
                                                      multiple_results=False))
 
 
-def _kernel_grad_x_transpose(dw_ct, x, ct, *, kernel_shape, strides, padding):
+def _kernel_grad_x_transpose(dw_ct, x, ct, *, kernel_shape, strides, padding, kernel_sharding):
   """d<dw_ct, dW(x, ct)>/dx: the input gradient of conv(x, dw_ct) at output cotangent ct."""
-  del kernel_shape
+  del kernel_shape, kernel_sharding
   return _input_gradient(ct, x, dw_ct, strides=strides, padding=padding, kernel_grads=True)
 
 
-def _kernel_grad_ct_transpose(dw_ct, x, ct, *, kernel_shape, strides, padding):
+def _kernel_grad_ct_transpose(dw_ct, x, ct, *, kernel_shape, strides, padding, kernel_sharding):
   """d<dw_ct, dW(x, ct)>/dct: the forward conv of x with dw_ct."""
-  del ct, kernel_shape
+  del ct, kernel_shape, kernel_sharding
   return _bind(x, dw_ct, strides, padding, True)
 
 
 ad.defbilinear(kernel_grad_p, _kernel_grad_x_transpose, _kernel_grad_ct_transpose)
 
 
-def _kernel_grad_batch(args, dims, **params):
+def _kernel_grad_batch(args, dims, *, kernel_sharding, **params):
+  del kernel_sharding  # of the unbatched kernel
   return jax.vmap(functools.partial(_kernel_gradient_reference, **params), in_axes=dims)(
       *args), 0
 
@@ -459,7 +478,7 @@ def _check_kernel_gradient() -> str | None:
     ct = jax.device_put(np.linspace(1, -1, 2 * 3 * 6 * 5, dtype=np.float32).reshape(2, 3, 6, 5),
                         device)  # the output shape of a (2, 1)-strided 3x3 conv of x
     params = {'kernel_shape': (3, 3, 3, 5), 'strides': (2, 1), 'padding': ((1, 0), (2, 0))}
-    got = jax.jit(lambda x, ct: _kernel_call_p.bind(x, ct, **params))(x, ct)
+    got = jax.jit(lambda x, ct: _kernel_call_p.bind(x, ct, kernel_sharding=None, **params))(x, ct)
     want = _kernel_gradient_reference(x, ct, **params)
     if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
       return 'the extension computed a different kernel gradient than lax'

@@ -59,7 +59,7 @@ def build() -> pathlib.Path:
   import jaxlib  # pylint: disable=import-outside-toplevel
   library = _package_file(ONEDNN, '/libdnnl.so.3')
   include = _package_file(ONEDNN_HEADERS, '/oneapi/dnnl/dnnl.hpp').parents[2]
-  compiler = os.environ.get('CXX', 'g++')
+  compiler = os.environ.get('CXX') or 'g++'
   if shutil.which(shlex.split(compiler)[0]) is None:
     raise ExtensionError(f'no C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)')
   command = shlex.split(compiler) + [
@@ -73,16 +73,22 @@ def build() -> pathlib.Path:
   target = _cache_dir() / f'onednn_kernel_grad-{key}.so'
   if target.exists():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, partial = tempfile.mkstemp(suffix='.so', dir=target.parent)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix='.building-', suffix='.so', dir=target.parent)
+  except OSError as e:
+    raise ExtensionError(f'cannot write the extension to {target.parent} ({e}); '
+                         'set RESNET_JAX_CACHE to a writable directory') from None
   os.close(fd)
   try:
     out = subprocess.run(command + ['-o', partial], capture_output=True, text=True,
-                         check=False)
+                         check=False, timeout=600)
     if out.returncode:
       raise ExtensionError(f'compiling {SOURCE.name} failed ({shlex.join(command)}):\n'
                            f'{out.stderr[-2000:]}')
     os.replace(partial, target)  # atomic: a concurrent build wrote the same bytes
+  except subprocess.TimeoutExpired:
+    raise ExtensionError(f'compiling {SOURCE.name} took over 10 minutes') from None
   finally:
     if os.path.exists(partial):
       os.remove(partial)

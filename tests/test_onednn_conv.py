@@ -123,6 +123,21 @@ def test_a_batch_sharded_jit_convolves_each_shard_on_its_own_device():
     _assert_close(a, ref)
 
 
+def test_explicit_mesh_axes_give_lax_gradients_and_shardings():
+  mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:2])
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (4, 8, 8, 16)),
+                     NamedSharding(mesh, P('data')))
+  w = jax.device_put(jax.random.normal(jax.random.key(1), (3, 3, 16, 16)),
+                     NamedSharding(mesh, P()))
+  with jax.sharding.set_mesh(mesh):
+    (_, y), grads = _value_and_grads(onednn_conv.conv_general_dilated, (1, 1), 'SAME')(x, w)
+    (_, y_ref), grads_ref = _value_and_grads(jax.lax.conv_general_dilated, (1, 1), 'SAME')(x, w)
+  for a, ref in ((y, y_ref), *zip(grads, grads_ref)):
+    assert a.sharding.spec == ref.sharding.spec
+    _assert_close(a, ref)
+
+
 def test_pmap_runs_it_per_device():
   n = jax.local_device_count()
   x = jax.random.normal(jax.random.key(0), (n, 2, 8, 8, 16))

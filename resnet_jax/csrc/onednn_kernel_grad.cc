@@ -103,7 +103,20 @@ ffi::Error KernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   }
   const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], ho = yd[1], wo = yd[2], o = yd[3];
   const int64_t kh = wd[0], kw = wd[1];
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));  // this thread's teams
+  // oneDNN splits the work for the thread count it planned with: this thread's
+  // teams get exactly `threads` (no dynamic adjustment); the caller's setting
+  // is restored after the call.
+  const int saved_threads = omp_get_max_threads();
+  const int saved_dynamic = omp_get_dynamic();
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  omp_set_dynamic(0);
+  struct Restore {
+    int threads, dynamic;
+    ~Restore() {
+      omp_set_num_threads(threads);
+      omp_set_dynamic(dynamic);
+    }
+  } restore{saved_threads, saved_dynamic};
   const Key key{n, h, w, c, ho, wo, o, kh, kw, stride_h, stride_w, pad_top, pad_bottom,
                 pad_left, pad_right, omp_get_max_threads()};
   try {
