@@ -154,9 +154,7 @@ def start_worker(name: str, args) -> subprocess.Popen:
   env = malloc.environ_with_huge_pages(os.environ)
   if name not in (TORCH, TORCH_CHANNELS_LAST):
     _, devices, flags = jax_case(name)
-    env['XLA_FLAGS'] = ' '.join(filter(None, [
-        os.environ.get('XLA_FLAGS', ''), flags,
-        f'--xla_force_host_platform_device_count={devices}']))
+    env['XLA_FLAGS'] = train_step.xla_flags(devices, flags)
   return subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), f'--worker={name}', f'--batch={args.batch}',
        f'--threads={args.threads}'],

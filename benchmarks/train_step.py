@@ -97,6 +97,12 @@ def measure(model: str, batch: int, image: int, parallel: str, steps: int, warmu
           'compile_s': first - step_time}
 
 
+def xla_flags(devices: int, extra: str = '') -> str:
+  """The caller's XLA flags, then `extra`, then the number of (fake) CPU devices."""
+  return ' '.join(filter(None, [os.environ.get('XLA_FLAGS', ''), extra,
+                                f'--xla_force_host_platform_device_count={devices}']))
+
+
 def run_case(args, model, batch, image, parallel, devices) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--one', f'--model={model}',
          f'--batch={batch}', f'--image={image}', f'--parallel={parallel}',
@@ -104,8 +110,7 @@ def run_case(args, model, batch, image, parallel, devices) -> dict:
          f'--dtype={args.dtype}']
   env = (malloc.environ_with_huge_pages(os.environ) if args.huge_pages
          else {**os.environ, 'GLIBC_TUNABLES': f'{malloc.TUNABLE}=0'})
-  env['XLA_FLAGS'] = ' '.join(filter(None, [  # the caller's XLA flags, then the device count
-      os.environ.get('XLA_FLAGS', ''), f'--xla_force_host_platform_device_count={devices}']))
+  env['XLA_FLAGS'] = xla_flags(devices)
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   if out.returncode:
     raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')

@@ -69,14 +69,22 @@ def _reference(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pa
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DIMENSION_NUMBERS)
 
 
-def _abstract_eval(x, w, *, strides, padding, kernel_grads=False):
-  """lax's own rule: its shape checks and errors, and the output's sharding and vma type."""
-  del kernel_grads
+def _lax_abstract_eval(lhs, rhs, *, window_strides, padding, dimension_numbers,
+                       rhs_dilation=(1, 1), out_sharding=None):
+  """lax's own rule for an undilated, ungrouped conv: its shape checks and errors, and the
+  output's sharding and vma type."""
   out, _ = lax.conv_general_dilated_p.abstract_eval(
-      x, w, window_strides=strides, padding=padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1),
-      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=1, batch_group_count=1,
-      precision=None, preferred_element_type=None, out_sharding=None)
+      lhs, rhs, window_strides=window_strides, padding=padding, lhs_dilation=(1, 1),
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=1,
+      batch_group_count=1, precision=None, preferred_element_type=None,
+      out_sharding=out_sharding)
   return out
+
+
+def _abstract_eval(x, w, *, strides, padding, kernel_grads=False):
+  del kernel_grads
+  return _lax_abstract_eval(x, w, window_strides=strides, padding=padding,
+                            dimension_numbers=_DIMENSION_NUMBERS)
 
 
 # The custom call itself: one device's (or shard's) convolution.
@@ -281,12 +289,10 @@ def _kernel_gradient_reference(x, ct, *, kernel_shape, strides, padding, kernel_
 def _kernel_gradient_abstract_eval(x, ct, *, kernel_shape, strides, padding,
                                    kernel_sharding=None):
   """lax's rule for its own kernel-gradient conv (as lax's transpose binds it)."""
-  out, _ = lax.conv_general_dilated_p.abstract_eval(
+  out = _lax_abstract_eval(
       x, ct, window_strides=(1, 1),
       padding=_kernel_gradient_padding(x.shape, ct.shape, kernel_shape, strides, padding),
-      lhs_dilation=(1, 1), rhs_dilation=strides,
-      dimension_numbers=_KERNEL_GRAD_DIMENSION_NUMBERS, feature_group_count=1,
-      batch_group_count=1, precision=None, preferred_element_type=None,
+      rhs_dilation=strides, dimension_numbers=_KERNEL_GRAD_DIMENSION_NUMBERS,
       out_sharding=kernel_sharding)
   assert out.shape == tuple(kernel_shape), (out.shape, kernel_shape)
   return out
@@ -422,21 +428,37 @@ def problem() -> str | None:
   return reason
 
 
-def _check() -> str | None:
+def _disagrees_with_lax(call, reference, lhs_shape, rhs_shape, mismatch: str,
+                        limit: int) -> str | None:
+  """Runs `call` (jitted) and lax's `reference` on ramps of these shapes on this process's
+  own CPU device: `mismatch` if they differ, the error (at most `limit` characters) if
+  `call` fails, else None."""
   try:
-    device = jax.local_devices(backend='cpu')[0]  # this process's own
-    x = jax.device_put(np.linspace(-1, 1, 2 * 7 * 6 * 3, dtype=np.float32).reshape(2, 7, 6, 3),
-                       device)
-    w = jax.device_put(np.linspace(1, -1, 3 * 3 * 3 * 5, dtype=np.float32).reshape(3, 3, 3, 5),
-                       device)
-    strides, padding = (2, 1), ((1, 0), (2, 1))
-    got = jax.jit(lambda x, w: _call_p.bind(x, w, strides=strides, padding=padding))(x, w)
-    want = _reference(x, w, strides, padding)
+    device = jax.local_devices(backend='cpu')[0]
+    lhs = jax.device_put(
+        np.linspace(-1, 1, np.prod(lhs_shape), dtype=np.float32).reshape(lhs_shape), device)
+    rhs = jax.device_put(
+        np.linspace(1, -1, np.prod(rhs_shape), dtype=np.float32).reshape(rhs_shape), device)
+    got, want = jax.jit(call)(lhs, rhs), reference(lhs, rhs)
     if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
-      return 'the custom call computed a different convolution than lax'
+      return mismatch
   except Exception as e:  # pylint: disable=broad-except
-    return f'{type(e).__name__}: {e}'.strip()[:500]
+    return _describe(e, limit)
   return None
+
+
+def _describe(error: Exception, limit: int) -> str:
+  if isinstance(error, onednn_ext.ExtensionError):  # its message says what is missing
+    return str(error)[:limit]
+  return f'{type(error).__name__}: {error}'.strip()[:limit]
+
+
+def _check() -> str | None:
+  strides, padding = (2, 1), ((1, 0), (2, 1))
+  return _disagrees_with_lax(
+      lambda x, w: _call_p.bind(x, w, strides=strides, padding=padding),
+      lambda x, w: _reference(x, w, strides, padding), (2, 7, 6, 3), (3, 3, 3, 5),
+      'the custom call computed a different convolution than lax', limit=500)
 
 
 def available() -> bool:
@@ -472,21 +494,13 @@ def kernel_gradient_problem() -> str | None:
 def _check_kernel_gradient() -> str | None:
   try:
     _register_kernel_gradient()
-    device = jax.local_devices(backend='cpu')[0]
-    x = jax.device_put(np.linspace(-1, 1, 2 * 7 * 6 * 3, dtype=np.float32).reshape(2, 7, 6, 3),
-                       device)
-    ct = jax.device_put(np.linspace(1, -1, 2 * 3 * 6 * 5, dtype=np.float32).reshape(2, 3, 6, 5),
-                        device)  # the output shape of a (2, 1)-strided 3x3 conv of x
-    params = {'kernel_shape': (3, 3, 3, 5), 'strides': (2, 1), 'padding': ((1, 0), (2, 0))}
-    got = jax.jit(lambda x, ct: _kernel_call_p.bind(x, ct, kernel_sharding=None, **params))(x, ct)
-    want = _kernel_gradient_reference(x, ct, **params)
-    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
-      return 'the extension computed a different kernel gradient than lax'
-  except onednn_ext.ExtensionError as e:
-    return str(e)[:1000]
   except Exception as e:  # pylint: disable=broad-except
-    return f'{type(e).__name__}: {e}'.strip()[:1000]
-  return None
+    return _describe(e, 1000)
+  params = {'kernel_shape': (3, 3, 3, 5), 'strides': (2, 1), 'padding': ((1, 0), (2, 0))}
+  return _disagrees_with_lax(  # ct: the output shape of a (2, 1)-strided 3x3 conv of x
+      lambda x, ct: _kernel_call_p.bind(x, ct, kernel_sharding=None, **params),
+      functools.partial(_kernel_gradient_reference, **params), (2, 7, 6, 3), (2, 3, 6, 5),
+      'the extension computed a different kernel gradient than lax', limit=1000)
 
 
 def supported(lhs: jax.Array, rhs: jax.Array, padding: Any, lhs_dilation: Any = None,
