@@ -3,34 +3,99 @@
 A checkpoint holds two items: `state`, the train state as replicated global
 arrays (so it restores onto any number of devices or hosts), and `loop`, a
 small JSON record of what the training loop needs to continue exactly where
-it stopped (the partly accumulated training metrics). The eval metrics saved
-with a step decide which checkpoint is the best.
+it stopped (the partly accumulated training metrics; whether SIGTERM stopped
+the step's evaluation). The finite eval metrics saved with a step decide
+which checkpoint is the best.
 """
 from __future__ import annotations
 
+import errno
+import json
 import math
-import os
-import shutil
+import re
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from resnet_jax import errors
+from resnet_jax import paths
 
 BEST_METRIC = 'eval_top1_error'
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, corrupt or does not fit the configured model."""
+CheckpointError = errors.CheckpointError
+
+
+# A restore that fails for another reason than the checkpoint's content (a read
+# error, a timeout, memory) is tried this often before the run stops.
+RESTORE_ATTEMPTS = 3
+RETRY_SECONDS = 2.0
+
+# What orbax and tensorstore say when a checkpoint's files are missing or corrupt.
+_CONTENT_ERRORS = (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)
+_CONTENT_MARKERS = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE', 'Error decoding',
+                    'was not found in the checkpoint', 'No such file')
+_OK, _DAMAGED, _FAILED = 0, 1, 2  # restore outcomes, in the order hosts agree on them
+
+
+def content_damage(error: BaseException) -> str | None:
+  """Why `error` shows a checkpoint's content is missing or corrupt; None if it does not.
+
+  Missing files and items, truncated or corrupt array data and unparsable
+  metadata are content damage; anything else (permissions, timeouts, transient
+  read errors, memory) is not, and must never get a checkpoint moved aside.
+  """
+  while error is not None:
+    message = str(error)
+    if isinstance(error, _CONTENT_ERRORS) or (
+        isinstance(error, OSError) and error.errno == errno.ENOENT):
+      return f'{type(error).__name__}: {_summary(message)}'
+    if isinstance(error, (KeyError, ValueError)) and any(m in message for m in _CONTENT_MARKERS):
+      return f'{type(error).__name__}: {_summary(message)}'
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _first_line(message: str) -> str:
+  return (message.strip().strip('"\'').splitlines() or [''])[0][:1000]
+
+
+def _summary(message: str) -> str:
+  """tensorstore's long error chains cut to the status, the innermost file and what failed."""
+  message = _first_line(message.split(' [tensorstore_spec')[0] + '\n')
+  files = re.findall(r'file "([^"]+)"', message)
+  if not files:
+    return message
+  status = re.match(r'([A-Z_]+): ', message)
+  detail = message.rsplit(f'{files[-1]}"', 1)[1].lstrip(': ')
+  return f'{status.group(1) + ": " if status else ""}{files[-1]}: {detail}'[:300]
+
+
+def _finite_error(metrics: dict[str, float]) -> float:
+  """The error that ranks a step; none or a non-finite one ranks last."""
+  error = metrics.get(BEST_METRIC, math.inf)
+  return error if math.isfinite(error) else math.inf
+
+
+def _agree(outcome: int) -> int:
+  """The outcome every host acts on: the worst any host saw (one shared decision)."""
+  if jax.process_count() == 1:
+    return outcome
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
 
 
 class Checkpoints:
   """Saving and restoring train states for one workdir."""
 
-  def __init__(self, workdir: str, keep: int = 3):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    error = lambda metrics: metrics.get(BEST_METRIC, math.inf)  # no eval: the worst
+  def __init__(self, workdir: str | epath.Path, keep: int = 3):
+    self.directory = paths.workdir_path(workdir) / 'checkpoints'
+    error = lambda metrics: _finite_error(metrics or {})
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=max(keep, 1)),
         ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -error(m), n=1,
@@ -61,6 +126,18 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
+  def set_metrics(self, step: int, metrics: dict[str, float]) -> None:
+    """Adds eval metrics to a saved step (its evaluation ran after the save).
+
+    They go where orbax keeps a step's metrics, so `best_step` and the
+    retention policy see them.
+    """
+    self.wait()
+    if jax.process_index() == 0:
+      (self.directory / str(step) / 'metrics' / 'metrics').write_text(json.dumps(metrics))
+    _sync('resnet_jax: metrics added')
+    self.manager.reload()
+
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
@@ -69,8 +146,8 @@ class Checkpoints:
 
   def best_step(self) -> int | None:
     """The step with the lowest saved eval error (None if no step has eval metrics)."""
-    scored = [(m[BEST_METRIC], -s) for s in self.steps()
-              if (m := self.manager.metrics(s)) and BEST_METRIC in m]
+    scored = [(error, -s) for s in self.steps()
+              if (error := _finite_error(self.manager.metrics(s) or {})) < math.inf]
     return -min(scored)[1] if scored else None  # ties: the latest, as the retention policy keeps
 
   def resolve(self, which: str) -> int:
@@ -93,12 +170,20 @@ class Checkpoints:
     return int(which)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """The state at `step`, laid out like `abstract_state` (shapes and shardings)."""
-    step_dir = os.path.join(self.directory, str(step))
+    """The state at `step`, laid out like `abstract_state` (shapes and shardings).
+
+    Raises DamagedCheckpointError if its content is missing or corrupt,
+    CheckpointError if it does not fit the model, and the original error for
+    anything else.
+    """
+    step_dir = self.directory / str(step)
     try:
-      saved = self.manager.item_metadata(step)['state']
+      saved = self.manager.item_metadata(step).get('state')
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
-      raise DamagedCheckpointError(step_dir, e) from e
+      _raise_damaged(step_dir, e)
+      raise
+    if saved is None:
+      raise DamagedCheckpointError(step_dir, 'its state item has no metadata')
     problems = _differences(saved, abstract_state)
     if problems:
       raise CheckpointError(
@@ -110,58 +195,97 @@ class Checkpoints:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(step_dir, e) from e
+      _raise_damaged(step_dir, e)
+      raise
     return restored['state'], dict(restored['loop'] or {})
+
+  def _restore_with_retries(self, step: int, abstract_state: Any):
+    """(outcome, restored or the error): retries errors that are not content damage."""
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+      try:
+        return _OK, self.restore(step, abstract_state)
+      except DamagedCheckpointError as e:
+        return _DAMAGED, e
+      except CheckpointError:
+        raise  # does not fit the model: the config is wrong, nothing is damaged
+      except Exception as e:  # pylint: disable=broad-except
+        if attempt == RESTORE_ATTEMPTS:
+          return _FAILED, e
+        logging.warning('Restoring the checkpoint at step %d failed (attempt %d of %d: %s: %s); '
+                        'retrying.', step, attempt, RESTORE_ATTEMPTS, type(e).__name__,
+                        _first_line(str(e)))
+        time.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
 
   def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """The newest checkpoint that can be read (None if there is none).
 
-    Damaged checkpoints are moved aside to WORKDIR/damaged_checkpoints/ (not
-    deleted) so that training can write that step again. A checkpoint that does
-    not fit the config is an error, not a reason to go back.
+    Only a checkpoint whose content is missing or corrupt is moved aside, to
+    WORKDIR/damaged_checkpoints/ (not deleted), so that training can write that
+    step again; the hosts decide together. Any other failure is retried and
+    then stops the run with its error, with nothing moved. A checkpoint that
+    does not fit the config is an error, not a reason to go back.
     """
     damaged = []
     for step in sorted(self.steps(), reverse=True):
-      try:
-        state, loop = self.restore(step, abstract_state)
-      except DamagedCheckpointError as e:
-        logging.warning('%s', e)
+      outcome, result = self._restore_with_retries(step, abstract_state)
+      agreed = _agree(outcome)
+      if agreed == _FAILED:
+        error = result if outcome == _FAILED else RuntimeError('it failed on another host')
+        raise CheckpointError(
+            f'Could not restore the checkpoint at step {step} in {self.directory} after '
+            f'{RESTORE_ATTEMPTS} attempts ({type(error).__name__}: {_first_line(str(error))}). '
+            'Nothing was moved or deleted: fix the cause (storage access, memory) and rerun '
+            'the same command.') from (result if outcome == _FAILED else None)
+      if agreed == _DAMAGED:
+        logging.warning('%s', result if outcome == _DAMAGED else
+                        f'The checkpoint at step {step} is damaged on another host.')
+        self._move_aside(step, str(result) if outcome == _DAMAGED else 'damaged on another host')
         damaged.append(step)
         continue
       if damaged:
-        self._move_aside(damaged)
         logging.warning('Resuming from step %d: the newer checkpoints %s are damaged and were '
                         'moved to %s.', step, damaged, self._damaged_dir)
+      state, loop = result
       return step, state, loop
     if damaged:
-      raise CheckpointError(f'Every checkpoint in {self.directory} is damaged ({damaged}); move '
-                            'the directory away to start afresh.')
+      raise CheckpointError(f'Every checkpoint in {self.directory} is damaged ({damaged}); they '
+                            f'were moved to {self._damaged_dir}. Move the workdir away to start '
+                            'afresh.')
     return None
 
   @property
-  def _damaged_dir(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+  def _damaged_dir(self) -> epath.Path:
+    return self.directory.parent / 'damaged_checkpoints'
 
-  def _move_aside(self, steps: list[int]) -> None:
+  def _move_aside(self, step: int, why: str) -> None:
     if jax.process_index() == 0:
-      for step in steps:
-        target = os.path.join(self._damaged_dir, f'{step}-{int(time.time())}')
-        os.makedirs(self._damaged_dir, exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices('resnet_jax: damaged checkpoints moved')
+      self._damaged_dir.mkdir(parents=True, exist_ok=True)
+      target = self._damaged_dir / f'{step}-{int(time.time())}'
+      (self.directory / str(step)).rename(target)
+      (target / 'WHY_DAMAGED.txt').write_text(why + '\n')
+      logging.warning('Moved the damaged checkpoint at step %d to %s.', step, target)
+    _sync('resnet_jax: damaged checkpoint moved')
     self.manager.reload()
 
 
-class DamagedCheckpointError(CheckpointError):
-  """A checkpoint directory that cannot be read (truncated, deleted files, bad metadata)."""
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
-  def __init__(self, step_dir: str, cause: Exception):
-    first_line = (str(cause).strip().splitlines() or [''])[0][:300]
-    super().__init__(f'The checkpoint {step_dir} cannot be read ({type(cause).__name__}: '
-                     f'{first_line}); it is damaged or incomplete. Delete it to fall back to the '
-                     'previous checkpoint.')
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files are missing or corrupt (truncated, deleted, unparsable)."""
+
+  def __init__(self, step_dir: epath.Path, why: str):
+    super().__init__(f'The checkpoint {step_dir} cannot be read ({why}); it is damaged or '
+                     'incomplete. Delete it to fall back to the previous checkpoint.')
+
+
+def _raise_damaged(step_dir: epath.Path, error: Exception) -> None:
+  why = content_damage(error)
+  if why is not None:
+    raise DamagedCheckpointError(step_dir, why) from error
 
 
 def _path_name(path: tuple[Any, ...]) -> str:

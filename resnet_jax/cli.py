@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import ml_collections
 from absl import flags
 from absl import logging as absl_logging
+
+from resnet_jax import errors
+from resnet_jax import paths
 
 MODES = ('train', 'eval', 'describe', 'prepare', 'sweep', 'report')
 CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
@@ -53,15 +55,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-  """Errors whose message is the whole story for a user: no traceback needed."""
-  from resnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  errors = [ValueError, FloatingPointError, checkpointing.CheckpointError]
-  try:
-    from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    errors.append(input_pipeline.DatasetNotPreparedError)
-  except ImportError:  # describe works without TensorFlow
-    pass
-  return tuple(errors)
+  """Errors whose message is the whole story for a user: no traceback needed.
+
+  Only the expected ones (a bad config, missing data, a bad checkpoint, a
+  diverged run); any other exception, ValueError included, keeps its traceback.
+  """
+  return (errors.UserError,)
 
 
 def init_distributed(spec: str) -> None:
@@ -77,7 +76,7 @@ def init_distributed(spec: str) -> None:
     address, num_processes, process_id = spec.split(',')
     num_processes, process_id = int(num_processes), int(process_id)
   except ValueError:
-    raise ValueError(f'--distributed={spec!r}: use "auto" or HOST:PORT,NUM_PROCESSES,PROCESS_ID, '
+    raise errors.ConfigError(f'--distributed={spec!r}: use "auto" or HOST:PORT,NUM_PROCESSES,PROCESS_ID, '
                      'e.g. 10.0.0.1:1234,2,0 on the first host and 10.0.0.1:1234,2,1 on the '
                      'second.') from None
   jax.distributed.initialize(address, num_processes, process_id)
@@ -126,8 +125,7 @@ def _train_or_sweep(mode: str, config: ml_collections.ConfigDict, workdir: str,
     return
   from resnet_jax import sweep  # pylint: disable=g-import-not-at-top
   rows = sweep.run_sweep(config, config_path, workdir)
-  with open(os.path.join(workdir, 'summary.md')) as f:
-    print(f.read())
+  print(sweep.summary_path(workdir, 'md').read_text())
   if any(r['status'] != 'finished' for r in rows):
     raise SystemExit('error: some sweep members failed; see the log above.')
 
@@ -144,12 +142,11 @@ def _describe_classes(config: ml_collections.ConfigDict) -> int:
 def load_saved_config(workdir: str, default: ml_collections.ConfigDict,
                       overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """WORKDIR/config.json (written at train time) with command-line overrides applied."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise SystemExit(f'{path} does not exist: pass --config=... (the config the checkpoint was '
-                     'trained with), or train in this workdir first.')
-  with open(path) as f:
-    saved = json.load(f)
+  path = paths.workdir_path(workdir) / 'config.json'
+  if not path.exists():
+    raise errors.ConfigError(f'{path} does not exist: pass --config=... (the config the '
+                             'checkpoint was trained with), or train in this workdir first.')
+  saved = paths.read_json(path)
   config = default.unlock()
   _update(config, saved)
   for key, value in overrides.items():
@@ -176,5 +173,5 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
   for key in parents:
     node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise ValueError(f'{dotted!r}: the config has no such field.')
+    raise errors.ConfigError(f'{dotted!r}: the config has no such field.')
   node[leaf] = value

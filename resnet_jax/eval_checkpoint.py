@@ -1,14 +1,13 @@
 """Evaluation from a checkpoint, on whatever devices are present."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
 
 from resnet_jax import checkpointing
 from resnet_jax import input_pipeline
+from resnet_jax import paths
 from resnet_jax import train
 
 
@@ -33,7 +32,6 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dic
       'num_devices': jax.device_count(),
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    paths.write_json(paths.workdir_path(workdir) / 'eval_results.json', result)
   ckpt.close()
   return result

@@ -15,6 +15,9 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
+import socket
+import urllib.parse
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -22,6 +25,7 @@ from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnet_jax import errors
 from resnet_jax import preprocessing as pp
 from resnet_jax import sklearn_digits  # pylint: disable=unused-import  (registers the builder)
 
@@ -33,7 +37,7 @@ EVAL_CROPS = ('center', 'ten_crop')
 NORMALIZATIONS = ('per_pixel_mean', 'imagenet_mean', 'imagenet_mean_std')
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(errors.DataError):
   """The data set needs files the user must provide (e.g. the ILSVRC tars)."""
 
 
@@ -51,13 +55,61 @@ def get_builder(data_config: Any, prepare: bool = True) -> tfds.core.DatasetBuil
   try:
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown data set {data_config.name!r} (config.data.name): {e}') from None
+    raise errors.ConfigError(f'Unknown data set {data_config.name!r} (config.data.name): {e}') from None
   if prepare and not builder.is_prepared():
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
       raise DatasetNotPreparedError(not_prepared_message(builder, data_config))
     logging.info('Preparing %s in %s', builder.name, builder.data_dir)
-    builder.download_and_prepare()
+    _download_and_prepare(builder, data_config)
   return builder
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, data_config: Any) -> None:
+  """tfds' download_and_prepare; no network (a compute node) gives one clear message."""
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=data_config.manual_dir))
+  except Exception as e:  # pylint: disable=broad-except  (requests, urllib3, socket, tfds)
+    url = _unreachable_url(e)
+    if url is None:
+      raise
+    raise errors.DataError(offline_message(builder, data_config, url)) from None
+
+
+_NETWORK_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
+# requests' and urllib3's names for "could not connect" (not for an HTTP error status).
+_NETWORK_ERROR_NAMES = ('ConnectionError', 'ConnectTimeout', 'ProxyError', 'MaxRetryError',
+                        'NewConnectionError', 'NameResolutionError', 'ConnectTimeoutError')
+
+
+def _unreachable_url(error: BaseException | None) -> str | None:
+  """The URL of a download that failed for want of a network (None: another failure)."""
+  network, url = False, None
+  while error is not None:
+    network = network or isinstance(error, _NETWORK_ERRORS) or (
+        type(error).__module__.split('.')[0] in ('requests', 'urllib3')
+        and type(error).__name__ in _NETWORK_ERROR_NAMES)
+    request = getattr(error, 'request', None)
+    url = url or getattr(request, 'url', None)
+    if url is None and (found := re.search(r'https?://[^\s\'"]+', str(error))):
+      url = found.group(0)
+    error = error.__cause__ or error.__context__
+  return (url or '') if network else None
+
+
+def offline_message(builder: tfds.core.DatasetBuilder, data_config: Any, url: str) -> str:
+  host = urllib.parse.urlparse(url).hostname or 'its download server'
+  manual_dir = data_config.manual_dir or os.path.join(builder.data_dir_root, 'downloads', 'manual')
+  archive = os.path.basename(urllib.parse.urlparse(url).path) if url else 'its files'
+  return (
+      f'Cannot download the tfds data set {builder.name!r}: {host} cannot be reached from this '
+      'machine (no network?). Two ways out:\n'
+      f'  1. Prepare it on a machine with internet (python run.py --mode=prepare --config=<your '
+      f'config> --config.data.data_dir=DIR), copy DIR here (or to a bucket) and pass '
+      f'--config.data.data_dir=<the copy>.\n'
+      f'  2. Download {url or archive} yourself and put {archive} in {manual_dir} (or pass '
+      '--config.data.manual_dir=<its folder>); tfds checks its size and checksum and prepares '
+      f'the data set from it in {builder.data_dir_root}.')
 
 
 def not_prepared_message(builder: tfds.core.DatasetBuilder, data_config: Any) -> str:
@@ -81,8 +133,7 @@ def prepare(data_config: Any) -> tfds.core.DatasetBuilder:
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and manual_dir and not os.path.isdir(manual_dir):
       raise DatasetNotPreparedError(f'manual_dir {manual_dir} does not exist.\n' +
                                     not_prepared_message(builder, data_config))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    _download_and_prepare(builder, data_config)
   return builder
 
 
@@ -109,12 +160,12 @@ def get_splits(builder: tfds.core.DatasetBuilder, data_config: Any) -> Splits:
   for field in ('train_split', 'eval_split'):
     base = data_config[field].split('[')[0]
     if known and base not in known:
-      raise ValueError(f'config.data.{field}={data_config[field]!r}: {builder.name} has no split '
+      raise errors.ConfigError(f'config.data.{field}={data_config[field]!r}: {builder.name} has no split '
                        f'{base!r}. Available splits: {", ".join(sorted(known))}.')
   train, evaluation = data_config.train_split, data_config.eval_split
   if data_config.validation_size:
     if '[' in train:
-      raise ValueError('config.data.validation_size needs an unsliced train_split, got '
+      raise errors.ConfigError('config.data.validation_size needs an unsliced train_split, got '
                        f'{train!r}.')
     size = data_config.validation_size
     train, evaluation = f'{train}[{size}:]', f'{train}[:{size}]'
@@ -175,7 +226,7 @@ def normalizer(builder: tfds.core.DatasetBuilder, data_config: Any, train_split:
     return lambda image: image - tf.constant(pp.IMAGENET_MEAN)
   if kind == 'imagenet_mean_std':
     return lambda image: (image - tf.constant(pp.IMAGENET_MEAN)) / tf.constant(pp.IMAGENET_STD)
-  raise ValueError(f'config.data.normalize={kind!r}; choose one of {", ".join(NORMALIZATIONS)}.')
+  raise errors.ConfigError(f'config.data.normalize={kind!r}; choose one of {", ".join(NORMALIZATIONS)}.')
 
 
 # --- Per-example preprocessing ------------------------------------------------
@@ -209,7 +260,7 @@ def train_preprocess(data_config: Any, normalize, image_key: str, label_key: str
             'label': tf.cast(example[label_key], tf.int32)}
 
   if augment not in TRAIN_AUGMENTS:
-    raise ValueError(f'config.data.train_augment={augment!r}; choose one of '
+    raise errors.ConfigError(f'config.data.train_augment={augment!r}; choose one of '
                      f'{", ".join(TRAIN_AUGMENTS)}.')
   return fn
 
@@ -218,9 +269,9 @@ def eval_preprocess(data_config: Any, normalize, image_key: str, label_key: str)
   """example -> {'image', 'label', 'mask'}: centre crop (or whole image) or 10 crops."""
   size, resize_to, crop = data_config.image_size, data_config.eval_resize, data_config.eval_crop
   if crop not in EVAL_CROPS:
-    raise ValueError(f'config.data.eval_crop={crop!r}; choose one of {", ".join(EVAL_CROPS)}.')
+    raise errors.ConfigError(f'config.data.eval_crop={crop!r}; choose one of {", ".join(EVAL_CROPS)}.')
   if crop == 'ten_crop' and resize_to <= size:
-    raise ValueError('config.data.eval_crop=ten_crop needs config.data.eval_resize > image_size '
+    raise errors.ConfigError('config.data.eval_crop=ten_crop needs config.data.eval_resize > image_size '
                      f'(the paper: 256 for 224 crops), got {resize_to}.')
 
   def fn(example):
@@ -284,14 +335,14 @@ def create_input(config: Any, shards: Sequence[int], num_shards: int, process_in
   indices of this host's devices among all devices).
   """
   if config.batch_size % num_shards or config.eval_batch_size % process_count:
-    raise ValueError(f'batch_size={config.batch_size} must be divisible by {num_shards} and '
+    raise errors.ConfigError(f'batch_size={config.batch_size} must be divisible by {num_shards} and '
                      f'eval_batch_size={config.eval_batch_size} by the {process_count} hosts.')
   builder = get_builder(config.data)
   splits = get_splits(builder, config.data)
   shard_batch = config.batch_size // num_shards
   steps_per_epoch = (splits.num_train // num_shards) // shard_batch
   if steps_per_epoch < 1:
-    raise ValueError(f'The train split {splits.train!r} has {splits.num_train} examples, fewer '
+    raise errors.ConfigError(f'The train split {splits.train!r} has {splits.num_train} examples, fewer '
                      f'than one global batch of {config.batch_size}: lower config.batch_size.')
   local_eval_batch = config.eval_batch_size // process_count
   eval_steps = math.ceil(math.ceil(splits.num_eval / process_count) / local_eval_batch)

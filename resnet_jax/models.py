@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import errors
 from resnet_jax import onednn_conv
 
 ModuleDef = Any
@@ -64,7 +65,7 @@ class BatchNorm(nn.Module):
     groups = x.astype(jnp.float32)
     if self.group_size:
       if x.shape[0] % self.group_size:
-        raise ValueError(
+        raise errors.ConfigError(
             f'BatchNorm group size {self.group_size} does not divide the batch of '
             f'{x.shape[0]} examples (per device under pmap): choose a batch size '
             'that is a multiple of model.bn_group_size, or set it to 0.')
@@ -521,7 +522,7 @@ def model_options(name: str) -> dict[str, tuple | None]:
 
 def _check_name(name: str) -> None:
   if name not in _REGISTRY:
-    raise ValueError(f'Unknown model {name!r}. Valid names: {", ".join(MODEL_NAMES)}.')
+    raise errors.ConfigError(f'Unknown model {name!r}. Valid names: {", ".join(MODEL_NAMES)}.')
 
 
 def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
@@ -531,7 +532,7 @@ def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   shortcuts on CIFAR nets and option B on ImageNet nets).
   """
   if num_classes < 1:
-    raise ValueError(f'num_classes must be positive, got {num_classes}.')
+    raise errors.ConfigError(f'num_classes must be positive, got {num_classes}.')
   options = check_options(name, options)
   return _REGISTRY[name](num_classes=num_classes, **options)
 
@@ -542,16 +543,16 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
   options = {k: v for k, v in options.items() if v is not None}
   for key, value in options.items():
     if key not in valid:
-      raise ValueError(f'Option {key!r} does not apply to {name}. Valid options: '
+      raise errors.ConfigError(f'Option {key!r} does not apply to {name}. Valid options: '
                        f'{", ".join(sorted(valid))}.')
     choices = valid[key]
     if choices is not None and value not in choices:
-      raise ValueError(f'{key}={value!r} is not valid for {name}. Choose one of: '
+      raise errors.ConfigError(f'{key}={value!r} is not valid for {name}. Choose one of: '
                        f'{", ".join(map(str, choices))}.')
   if 'dtype' in options:
     options['dtype'] = DTYPES[options['dtype']]
   if options.get('bn_group_size', 0) < 0:
-    raise ValueError(f'bn_group_size must be >= 0 (0: whole batch), got {options["bn_group_size"]}.')
+    raise errors.ConfigError(f'bn_group_size must be >= 0 (0: whole batch), got {options["bn_group_size"]}.')
   return options
 
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from resnet_jax import errors
+
 SCHEDULES = ('constant', 'step', 'plateau', 'cosine')
 
 
@@ -51,9 +53,9 @@ def schedule_fn(config: Any, steps_per_epoch: int, total_steps: int) -> Callable
   """step -> learning rate, before any plateau scaling or ResNet-110 warm-up."""
   s = config.schedule
   if s.name not in SCHEDULES:
-    raise ValueError(f'config.schedule.name={s.name!r}; choose one of {", ".join(SCHEDULES)}.')
+    raise errors.ConfigError(f'config.schedule.name={s.name!r}; choose one of {", ".join(SCHEDULES)}.')
   if s.unit not in ('steps', 'epochs'):
-    raise ValueError(f"config.schedule.unit={s.unit!r}; choose 'steps' or 'epochs'.")
+    raise errors.ConfigError(f"config.schedule.unit={s.unit!r}; choose 'steps' or 'epochs'.")
   unit = steps_per_epoch if s.unit == 'epochs' else 1
   base = base_learning_rate(config)
   warmup = int(round(s.warmup_length * unit))
@@ -62,7 +64,7 @@ def schedule_fn(config: Any, steps_per_epoch: int, total_steps: int) -> Callable
   if s.name == 'step':
     boundaries = [int(round(b * unit)) for b in s.boundaries]
     if boundaries != sorted(boundaries):
-      raise ValueError(f'config.schedule.boundaries must increase, got {tuple(s.boundaries)}.')
+      raise errors.ConfigError(f'config.schedule.boundaries must increase, got {tuple(s.boundaries)}.')
     main = optax.piecewise_constant_schedule(base, {b: s.factor for b in boundaries})
   else:  # constant, plateau (its divisions come from ScheduleState.lr_scale)
     main = optax.constant_schedule(base)

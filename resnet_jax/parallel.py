@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from resnet_jax import errors
 from resnet_jax import steps
 
 PARALLEL_MODES = ('jit', 'pmap')
@@ -59,7 +60,7 @@ def check_batch_sizes(config: Any, num_devices: int) -> None:
   """Clear errors for batch sizes that the devices or the BN groups cannot split evenly."""
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % num_devices:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.{field}={config[field]} is not divisible by the {num_devices} devices: use a '
           f'multiple of {num_devices} (e.g. {num_devices * max(1, config[field] // num_devices)}).')
   group = config.model.bn_group_size
@@ -68,14 +69,14 @@ def check_batch_sizes(config: Any, num_devices: int) -> None:
     batch = config.batch_size // num_devices if pmap else config.batch_size
     if batch % group:
       where = 'per-device batch' if pmap else 'batch'
-      raise ValueError(f'config.model.bn_group_size={group} does not divide the {where} of {batch}.')
+      raise errors.ConfigError(f'config.model.bn_group_size={group} does not divide the {where} of {batch}.')
 
 
 def create(config: Any, make_model: Callable[[str | None], Any], tx: Any,
            schedule: Callable, input_shape: tuple[int, ...]) -> Parallel:
   """The strategy named by `config.parallel`; `make_model(bn_axis_name)` builds the net."""
   if config.parallel not in PARALLEL_MODES:
-    raise ValueError(f'config.parallel={config.parallel!r}; choose one of '
+    raise errors.ConfigError(f'config.parallel={config.parallel!r}; choose one of '
                      f'{", ".join(PARALLEL_MODES)}.')
   check_batch_sizes(config, jax.device_count())
   global_mesh = Mesh(np.array(jax.devices()), ('data',))

@@ -64,12 +64,19 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed=seed)
 
 
+def sample_shorter_sides(seed: tf.Tensor, num: int | tuple[int, ...], min_side: int,
+                         max_side: int) -> tf.Tensor:
+  """Shorter sides drawn uniformly from the integers min_side..max_side, both included."""
+  shape = (num,) if isinstance(num, int) else num
+  return tf.random.stateless_uniform(shape, seed, min_side, max_side + 1, dtype=tf.int32)
+
+
 def random_scale_and_crop(image: tf.Tensor, size: int, min_side: int, max_side: int,
                           seed: tf.Tensor) -> tf.Tensor:
   """The paper's ImageNet scale augmentation (Sec. 3.4): shorter side uniform in
   [min_side, max_side], then a random size x size crop."""
   side_seed, crop_seed = split_seed(seed, 2)
-  side = tf.random.stateless_uniform((), side_seed, min_side, max_side + 1, dtype=tf.int32)
+  side = sample_shorter_sides(side_seed, (), min_side, max_side)
   image = resize_shorter_side(image, side)
   return tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
 

@@ -12,8 +12,6 @@ metrics.jsonl and writes, beside the sweep's summary:
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Any
 
@@ -21,10 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from resnet_jax import checkpointing
 from resnet_jax import cli
+from resnet_jax import errors
 from resnet_jax import input_pipeline
+from resnet_jax import paths
 from resnet_jax import sweep
 from resnet_jax import train
 
@@ -32,12 +33,13 @@ from resnet_jax import train
 _RESPONSE_LAYER = re.compile(r'^(stem_bn|stage\d+_block\d+/bn[12])$')
 
 
-def members(sweep_dir: str) -> list[str]:
-  return sorted(d for d in os.listdir(sweep_dir)
-                if os.path.exists(os.path.join(sweep_dir, d, 'metrics.jsonl')))
+def members(sweep_dir: epath.Path) -> list[str]:
+  if not sweep_dir.is_dir():
+    return []
+  return sorted(d.name for d in sweep_dir.iterdir() if (d / 'metrics.jsonl').exists())
 
 
-def plot_curves(sweep_dir: str, names: list[str], path: str) -> None:
+def plot_curves(sweep_dir: epath.Path, names: list[str], path: epath.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -49,7 +51,7 @@ def plot_curves(sweep_dir: str, names: list[str], path: str) -> None:
                            squeeze=False)
   for ax, (title, group) in zip(axes[0], panels):
     for i, name in enumerate(group):
-      lines = sweep.read_metrics(os.path.join(sweep_dir, name))
+      lines = sweep.read_metrics(sweep_dir / name)
       color = f'C{i}'
       train = [(l['step'], l['train_top1_error']) for l in lines if 'train_top1_error' in l]
       test = [(l['step'], l['eval_top1_error']) for l in lines if 'eval_top1_error' in l]
@@ -63,7 +65,7 @@ def plot_curves(sweep_dir: str, names: list[str], path: str) -> None:
     ax.legend()
   axes[0][0].set_ylabel('error (dashed: training, bold: test)')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -124,7 +126,7 @@ def _layer_order(name: str) -> tuple[int, int, int]:
   return (stage, block, bn)
 
 
-def plot_responses(responses: dict[str, list[float]], path: str) -> None:
+def plot_responses(responses: dict[str, list[float]], path: epath.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -141,7 +143,7 @@ def plot_responses(responses: dict[str, list[float]], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -150,27 +152,27 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
 
   Each member's config is its saved WORKDIR/config.json with `overrides` applied.
   """
+  sweep_dir = paths.workdir_path(sweep_dir)
   names = members(sweep_dir)
   if not names:
-    raise ValueError(f'{sweep_dir} has no member directories with metrics.jsonl: run '
+    raise errors.ConfigError(f'{sweep_dir} has no member directories with metrics.jsonl: run '
                      '--mode=sweep (or point --workdir at a sweep directory).')
-  plot_curves(sweep_dir, names, os.path.join(sweep_dir, 'curves.png'))
+  plot_curves(sweep_dir, names, sweep_dir / 'curves.png')
   rows, responses = [], {}
   for name in names:
-    member_dir = os.path.join(sweep_dir, name)
+    member_dir = sweep_dir / name
     config = cli.load_saved_config(member_dir, default, overrides)
     inp, strategy, steps_total = train.setup(config)
     results = sweep.final_results(member_dir)
     rows.append({'member': name, 'model': config.model.name,
                  'status': 'finished' if results['steps'] >= steps_total else 'unfinished',
                  **results})
-    if os.path.isdir(os.path.join(member_dir, 'checkpoints')):
+    if (member_dir / 'checkpoints').is_dir():
       responses[name] = layer_response_stds(config, inp, strategy, member_dir)
   sweep.write_summary(sweep_dir, rows)
   written = ['curves.png', 'summary.md', 'summary.csv']
   if responses:
-    with open(os.path.join(sweep_dir, 'layer_responses.json'), 'w') as f:
-      json.dump(responses, f, indent=1)
-    plot_responses(responses, os.path.join(sweep_dir, 'layer_responses.png'))
+    paths.write_json(sweep_dir / 'layer_responses.json', responses)
+    plot_responses(responses, sweep_dir / 'layer_responses.png')
     written += ['layer_responses.png', 'layer_responses.json']
-  return {'sweep_dir': sweep_dir, 'members': names, 'written': written}
+  return {'sweep_dir': str(sweep_dir), 'members': names, 'written': written}

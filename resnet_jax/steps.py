@@ -47,12 +47,34 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _error_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
-  """Summed top-1 and top-5 errors (top-k counts a hit if the label is among the k best)."""
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """Whether each label is among the k best classes, strictly.
+
+  The label's logit must be finite and strictly greater than all but at most
+  k-1 of the other logits. Ties count against the label, and so does any
+  other logit it is not greater than (NaN included): a collapsed network (all
+  logits equal) or a diverged one (NaN, inf) scores 100% error, not 0%.
+  """
   label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  rank = jnp.sum(logits > label_logit, axis=-1)  # classes scored strictly higher
-  return {'top1_error': jnp.sum((rank >= 1) * weights),
-          'top5_error': jnp.sum((rank >= 5) * weights)}
+  beaten = jnp.sum(logits < label_logit, axis=-1)  # NaN compares False
+  not_beaten = logits.shape[-1] - 1 - beaten
+  return jnp.isfinite(label_logit[:, 0]) & (not_beaten < k)
+
+
+def _error_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Summed top-1 and top-5 errors over the weighted examples."""
+  return {f'top{k}_error': jnp.sum(jnp.where(topk_correct(logits, labels, k), 0.0, weights))
+          for k in (1, 5)}
+
+
+def average_crops(logits: jax.Array) -> jax.Array:
+  """(batch, crops, classes) logits -> log of the crops' mean softmax probabilities.
+
+  Computed in log space (log-mean-exp of log-softmax), so a class's averaged
+  probability never underflows to a floor that other classes share.
+  """
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(jnp.float32(logits.shape[1]))
 
 
 def _reduce(metrics: dict[str, jax.Array], axis_name: str | None) -> dict[str, jax.Array]:
@@ -94,8 +116,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
   if images.ndim == 5:  # (batch, crops, H, W, C): average the crops' probabilities
     n, crops = images.shape[:2]
     logits = model.apply(variables, images.reshape((n * crops,) + images.shape[2:]), train=False)
-    probs = jax.nn.softmax(logits.reshape(n, crops, -1)).mean(axis=1)
-    logits = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))
+    logits = average_crops(logits.reshape(n, crops, -1))
   else:
     logits = model.apply(variables, images, train=False)
   loss = cross_entropy(logits, labels)

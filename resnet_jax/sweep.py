@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
-import os
 import traceback
 from typing import Any
 
 import ml_collections
 from absl import logging
+from etils import epath
 
+from resnet_jax import errors
+from resnet_jax import paths
 from resnet_jax import cli
 
 
@@ -35,13 +38,13 @@ def load_sweep(config_path: str) -> dict[str, dict[str, Any]]:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_sweep'):
-    raise ValueError(f'{path} has no get_sweep(): --mode=sweep needs a sweep file '
+    raise errors.ConfigError(f'{path} has no get_sweep(): --mode=sweep needs a sweep file '
                      '(see configs/sweeps/).')
   members = module.get_sweep()
   if not isinstance(members, dict):
     members = {member_name(overrides): overrides for overrides in members}
   if not members:
-    raise ValueError(f'{path}: get_sweep() returned no members.')
+    raise errors.ConfigError(f'{path}: get_sweep() returned no members.')
   return members
 
 
@@ -60,19 +63,18 @@ def member_config(base: ml_collections.ConfigDict, overrides: dict[str, Any]
     try:
       cli.set_field(config, key, value)
     except ValueError as e:
-      raise ValueError(f'Sweep override {e}') from None
+      raise errors.ConfigError(f'Sweep override {e}') from None
   return config.lock()
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+def read_metrics(workdir: str | epath.Path) -> list[dict[str, Any]]:
+  path = paths.workdir_path(workdir) / 'metrics.jsonl'
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def final_results(workdir: str) -> dict[str, Any]:
+def final_results(workdir: str | epath.Path) -> dict[str, Any]:
   """The last training and eval figures of one run (None where absent)."""
   lines = read_metrics(workdir)
   train = [l for l in lines if 'train_top1_error' in l]
@@ -88,15 +90,16 @@ def final_results(workdir: str) -> dict[str, Any]:
 def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -> list[dict]:
   """Trains every member (skipping finished ones) and writes the summary."""
   from resnet_jax import train  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   rows = []
   for name, overrides in load_sweep(config_path).items():
-    member_dir = os.path.join(workdir, name)
+    member_dir = workdir / name
     config = member_config(base, overrides)
     status = 'finished'
     try:
       logging.info('Sweep member %s: %s', name, overrides)
-      train.train_and_evaluate(config, member_dir)
+      train.train_and_evaluate(config, str(member_dir))
     except train.Preempted:
       raise  # the whole sweep stops; rerunning it resumes this member
     except Exception:  # pylint: disable=broad-except  (one failure must not stop the sweep)
@@ -108,18 +111,22 @@ def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -
   return rows
 
 
-def write_summary(workdir: str, rows: list[dict[str, Any]]) -> None:
+def summary_path(workdir: str | epath.Path, kind: str) -> epath.Path:
+  return paths.workdir_path(workdir) / f'summary.{kind}'
+
+
+def write_summary(workdir: str | epath.Path, rows: list[dict[str, Any]]) -> None:
   """DIR/summary.csv and DIR/summary.md: each member's final train and test error."""
   fields = ['member', 'model', 'status', 'steps', 'train_error', 'test_error', 'best_test_error']
-  with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO()
+  writer = csv.DictWriter(table, fieldnames=fields, lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  summary_path(workdir, 'csv').write_text(table.getvalue())
   pct = lambda v: '-' if v is None else f'{100 * v:.2f}%'
   lines = ['| member | status | steps | train error | test error | best test error |',
            '|---|---|---|---|---|---|']
   for r in rows:
     lines.append(f'| {r["member"]} | {r["status"]} | {r["steps"]} | {pct(r["train_error"])} | '
                  f'{pct(r["test_error"])} | {pct(r["best_test_error"])} |')
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  summary_path(workdir, 'md').write_text('\n'.join(lines) + '\n')

@@ -8,13 +8,13 @@ and maintenance) finishes the current step, saves and returns.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
-import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +26,15 @@ import tensorflow_datasets as tfds
 from clu import metric_writers
 from clu import metrics as clu_metrics
 from clu import periodic_actions
+from etils import epath
 
 from resnet_jax import checkpointing
+from resnet_jax import errors
 from resnet_jax import input_pipeline
 from resnet_jax import models
 from resnet_jax import optim
 from resnet_jax import parallel
+from resnet_jax import paths
 
 
 def clu_metrics_from_sums(sums: dict[str, Any]) -> clu_metrics.Collection:
@@ -55,19 +58,21 @@ def every(value: int, steps_per_epoch: int) -> int:
 
 
 class JsonlWriter(metric_writers.interface.MetricWriter):
-  """Appends one JSON object per `write_scalars` call to a file: {'step': ..., **scalars}."""
+  """Appends one JSON object per `write_scalars` call to a file: {'step': ..., **scalars}.
 
-  def __init__(self, path: str, resume_step: int | None = None):
+  The file may be on gs:// (epath); on resume, lines past the checkpoint are
+  dropped, since the resumed run writes them again.
+  """
+
+  def __init__(self, path: epath.Path, resume_step: int | None = None):
     self.path = path
-    if resume_step is not None and os.path.exists(path):
-      # Lines past the checkpoint will be written again by the resumed run.
-      with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-      with open(path, 'w') as f:
-        f.writelines(keep)
-    elif resume_step is None and os.path.exists(path):
-      os.remove(path)
-    self._file = open(path, 'a')  # pylint: disable=consider-using-with
+    if resume_step is not None and path.exists():
+      keep = [line + '\n' for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line)['step'] <= resume_step]
+      path.write_text(''.join(keep))
+    elif path.exists():
+      path.unlink()
+    self._file = path.open('a')  # pylint: disable=consider-using-with
 
   def write_scalars(self, step, scalars):
     self._file.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
@@ -107,17 +112,23 @@ class Preempted(Exception):
 
 
 class Preemption:
-  """SIGTERM (TPU VM preemption or maintenance) -> stop after the current step.
+  """SIGTERM (TPU VM preemption or maintenance) -> stop at the next safe point.
 
+  Safe points are the end of each training step and the start of each
+  evaluation batch, so an evaluation (50,000 ImageNet images, 10 crops) never
+  holds up a preemption notice: the loop stops it and saves.
   One process: our own SIGTERM handler. Several: JAX's preemption sync manager
   (started by jax.distributed.initialize) catches the signal on any host and
-  picks one step at which every host stops, so that they all save together.
+  picks one safe point at which every host stops, so that they all save
+  together. Every host passes the same safe points in the same order (the
+  same steps and the same number of eval batches), which is what it needs.
   """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
     self._multihost = jax.process_count() > 1
+    self._safe_points = 0
 
   def __enter__(self):
     if not self._multihost and threading.current_thread() is threading.main_thread():
@@ -128,17 +139,47 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def reached(self, step: int) -> bool:
+  def reached(self) -> bool:
+    """Whether to stop here; call at every safe point, on every host alike."""
     if self._multihost:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
+      self._safe_points += 1
+      return multihost_utils.reached_preemption_sync_point(self._safe_points)
     return self._event.is_set()
 
 
-def save_config(config: Any, workdir: str) -> None:
+class TrainClock:
+  """Wall time spent training: evaluation and checkpoint saves are left out.
+
+  Steps run asynchronously, so a paused section first waits for the steps in
+  flight (they are training time).
+  """
+
+  def __init__(self, step: int):
+    self._start = time.monotonic()
+    self._paused = 0.0
+    self._last = (0.0, step)  # (training seconds, step) at the last reading
+
+  @contextlib.contextmanager
+  def paused(self, in_flight: Any):
+    jax.block_until_ready(in_flight)
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self._paused += time.monotonic() - start
+
+  def images_per_sec(self, step: int, batch_size: int) -> float:
+    """Images per second of training since the last call."""
+    seconds = time.monotonic() - self._start - self._paused
+    last_seconds, last_step = self._last
+    self._last = (seconds, step)
+    return batch_size * (step - last_step) / max(seconds - last_seconds, 1e-9)
+
+
+def save_config(config: Any, workdir: epath.Path) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def setup(config: Any):
@@ -168,10 +209,17 @@ def setup(config: Any):
   return inp, strategy, steps_total
 
 
-def evaluate(strategy: parallel.Parallel, state: Any, dataset: tf.data.Dataset) -> dict[str, float]:
-  """Loss and errors over every example of an eval dataset, each counted once."""
+def evaluate(strategy: parallel.Parallel, state: Any, dataset: tf.data.Dataset,
+             stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+  """Loss and errors over every example of an eval dataset, each counted once.
+
+  `stop` is asked before each batch (a preemption); when it says yes the
+  evaluation ends early and returns None.
+  """
   sums = None
   for batch in tfds.as_numpy(dataset):
+    if stop():
+      return None
     m = strategy.eval_step(state, strategy.put_batch(batch))
     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
   host = strategy.metrics_to_host(sums)
@@ -201,18 +249,22 @@ def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints
   return strategy.replicate(state), step, loop
 
 
-def create_writer(workdir: str, resume_step: int | None) -> metric_writers.MetricWriter:
+def create_writer(workdir: epath.Path, resume_step: int | None) -> metric_writers.MetricWriter:
   """TensorBoard + logging + metrics.jsonl on the first host; logging elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(just_logging=True)
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), resume_step)])
+      metric_writers.create_default_writer(str(workdir)),
+      JsonlWriter(workdir / 'metrics.jsonl', resume_step)])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or continues training) in `workdir`; returns the last eval metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains (or continues training) in `workdir` (a local path or gs://...).
+
+  Returns the last eval metrics.
+  """
+  workdir = paths.workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   inp, strategy, steps_total = setup(config)
   ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
   state, step, loop = restore_or_init(strategy, ckpt, config.seed)
@@ -220,8 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = create_writer(workdir, step if step else None)
   if step == 0:
     writer.write_hparams(_flatten(config))
+  # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
+  pending_eval = bool(loop.get('pending_eval'))
 
-  if step >= steps_total:
+  if step >= steps_total and not pending_eval:
     logging.warning('%s is already trained for %d steps (config: %d); nothing to do. Raise '
                     'config.num_train_steps (or num_epochs) to train further.', workdir, step,
                     steps_total)
@@ -236,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                              every_steps=log_every)
   hooks = [progress]
   if config.profile and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
+    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5,
                                           first_profile=step + 10))
 
   # Training metrics accumulated since the last log line; they survive preemption.
@@ -246,51 +300,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = _prefetch(input_pipeline.train_iterator(config, inp, step), strategy.put_batch,
                       config.data.prefetch)
   eval_data = input_pipeline.eval_dataset(config, inp)
-  clock = (time.monotonic(), step)  # images/s between log lines, all hosts together
+  clock = TrainClock(step)
+  preempted = False
   with Preemption() as preemption:
-    while step < steps_total:
-      state, metrics = strategy.train_step(state, next(batches))
-      window = metrics if window is None else _accumulate(window, metrics)
-      step += 1
-      for hook in hooks:
-        hook(step)
-      last = step == steps_total
+    while step < steps_total or pending_eval:
+      if pending_eval:
+        evaluated, resumed_eval, pending_eval = True, True, False
+      else:
+        state, metrics = strategy.train_step(state, next(batches))
+        window = metrics if window is None else _accumulate(window, metrics)
+        step += 1
+        for hook in hooks:
+          hook(step)
+        if step % log_every == 0 or step == steps_total:
+          train = _log_train(writer, strategy, window, step, ckpt)
+          window = None
+          writer.write_scalars(step, {'images_per_sec': clock.images_per_sec(
+              step, config.batch_size)})
+          state = _update_schedule(strategy, state, optim.after_train_log, config,
+                                   train['train_top1_error'])
+        evaluated, resumed_eval = step % eval_every == 0 or step == steps_total, False
 
-      if step % log_every == 0 or last:
-        train = _log_train(writer, strategy, window, step, ckpt)
-        window = None
-        now = time.monotonic()
-        writer.write_scalars(step, {'images_per_sec': config.batch_size * (step - clock[1]) /
-                                                      (now - clock[0])})
-        clock = (now, step)
-        state = _update_schedule(strategy, state, optim.after_train_log, config,
-                                 train['train_top1_error'])
-
-      evaluated = step % eval_every == 0 or last
       if evaluated:
-        with progress.timed('eval'):
-          eval_metrics = evaluate(strategy, state, eval_data)
+        with clock.paused(state), progress.timed('eval'):
+          step_metrics = evaluate(strategy, state, eval_data, stop=preemption.reached)
+        if step_metrics is None:  # SIGTERM: save now, evaluate this state after the restart
+          logging.warning('SIGTERM during the evaluation at step %d: stopped it to save.', step)
+          with clock.paused(state):
+            _save(ckpt, strategy, step, state, window, pending_eval=True)
+          preempted = True
+          break
+        _check_finite('eval', step_metrics['eval_loss'], step, ckpt)
+        eval_metrics = step_metrics
         writer.write_scalars(step, eval_metrics)
         state = _update_schedule(strategy, state, optim.after_eval, config,
                                  eval_metrics['eval_top1_error'])
 
-      preempted = preemption.reached(step)
-      if step % ckpt_every == 0 or last or preempted:
-        sums = strategy.metrics_to_host(window) if window is not None else None
-        if sums is not None:
-          _check_finite(sums['loss'], step, ckpt)
-        ckpt.save(step, strategy.unreplicate(state), {'train_sums': sums},
-                  metrics=eval_metrics if evaluated else None)
+      preempted = preemption.reached()
+      if resumed_eval:
+        # This step's checkpoint exists (it was saved before its evaluation);
+        # its eval metrics are added so that it can be chosen as the best.
+        ckpt.set_metrics(step, eval_metrics)
+      elif step % ckpt_every == 0 or step == steps_total or preempted:
+        with clock.paused(state):
+          _save(ckpt, strategy, step, state, window, metrics=eval_metrics if evaluated else None)
       if preempted:
         break
   ckpt.wait()
   ckpt.close()
   writer.flush()
   writer.close()
-  if step < steps_total:
+  if preempted:
     raise Preempted(f'SIGTERM: saved a checkpoint at step {step} and stopped; rerun the same '
                     'command to continue.')
   return eval_metrics
+
+
+def _save(ckpt: checkpointing.Checkpoints, strategy: parallel.Parallel, step: int, state: Any,
+          window: Any, metrics: dict[str, float] | None = None,
+          pending_eval: bool = False) -> None:
+  """Starts saving `state` with what the loop needs to continue exactly from here."""
+  sums = strategy.metrics_to_host(window) if window is not None else None
+  if sums is not None:
+    _check_finite('training', sums['loss'], step, ckpt)
+  loop = {'train_sums': sums}
+  if pending_eval:
+    loop['pending_eval'] = True
+  ckpt.save(step, strategy.unreplicate(state), loop, metrics=metrics)
 
 
 def _update_schedule(strategy, state, rule, config, error: float):
@@ -313,7 +389,7 @@ def _accumulate(window, metrics):
 
 def _log_train(writer, strategy, window, step: int, ckpt) -> dict[str, float]:
   sums = strategy.metrics_to_host(window)
-  _check_finite(sums['loss'], step, ckpt)
+  _check_finite('training', sums['loss'], step, ckpt)
   values = clu_metrics_from_sums(sums).compute()
   scalars = {f'train_{k}': float(v) for k, v in values.items() if k != 'learning_rate'}
   scalars['learning_rate'] = float(values['learning_rate'])
@@ -321,11 +397,12 @@ def _log_train(writer, strategy, window, step: int, ckpt) -> dict[str, float]:
   return scalars
 
 
-def _check_finite(loss_sum: float, step: int, ckpt: checkpointing.Checkpoints) -> None:
-  if not math.isfinite(loss_sum):
+def _check_finite(which: str, loss: float, step: int, ckpt: checkpointing.Checkpoints) -> None:
+  """Stops the run on a non-finite loss, before that state is saved or used for any decision."""
+  if not math.isfinite(loss):
     ckpt.wait()
-    raise FloatingPointError(
-        f'The training loss is {loss_sum} at step {step}: training stopped without saving this '
+    raise errors.DivergedError(
+        f'The {which} loss is {loss} at step {step}: training stopped without saving this '
         f'state. The last good checkpoint is at step {ckpt.latest_step()} in {ckpt.directory}. '
         'Lower config.optimizer.learning_rate (or add warm-up via config.schedule.warmup_length) '
         'and rerun the same command: training continues from that checkpoint.')

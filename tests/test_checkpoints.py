@@ -45,33 +45,94 @@ def assert_same_state(a, b):
     assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
 
 
-def test_sigterm_then_resume_is_bitwise_identical(tmp_path, digits_dir):
-  args = [f'--config.data.data_dir={digits_dir}', '--config.num_train_steps=24', *TRAIN]
-  helpers.run_py(f'--workdir={tmp_path / "straight"}', *args)
+SLOW_EVAL = """
+import dataclasses, os, time
+from resnet_jax import parallel
+_create = parallel.create
 
-  workdir = tmp_path / 'preempted'
-  code = (f'import runpy, sys\nsys.argv = ["run.py", "--workdir={workdir}"] + {args!r}\n'
+def _slow_create(*args, **kwargs):
+  strategy = _create(*args, **kwargs)
+  def eval_step(state, batch):
+    open(os.environ['EVAL_STARTED'], 'a').close()
+    time.sleep(3)
+    return strategy.eval_step(state, batch)
+  return dataclasses.replace(strategy, eval_step=eval_step)
+
+parallel.create = _slow_create
+"""
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, digits_dir):
+  """24 steps without interruption: what every interrupted run must reproduce exactly."""
+  workdir = tmp_path_factory.mktemp('straight')
+  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
+                 '--config.num_train_steps=24', *TRAIN)
+  return workdir
+
+
+def _start(workdir, args, prelude='', env=None):
+  code = (f'{prelude}\nimport runpy, sys\nsys.argv = ["run.py", "--workdir={workdir}"] + {args!r}\n'
           f'runpy.run_path({os.path.join(helpers.REPO, "run.py")!r}, run_name="__main__")\n')
-  process = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, cwd=helpers.REPO)
-  metrics = workdir / 'metrics.jsonl'
-  deadline = time.time() + 300
-  while not (metrics.exists() and '"train_loss"' in metrics.read_text()):  # past step 4
+  return subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, cwd=helpers.REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def _wait_for(process, ready, timeout=300):
+  deadline = time.time() + timeout
+  while not ready():
     assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:]
     time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
+
+
+def _assert_resumes_exactly(workdir, args, straight):
+  helpers.run_py(f'--workdir={workdir}', *args)  # the same command continues
+  step, resumed = saved_state(workdir)
+  _, expected = saved_state(straight)
+  assert step == 24
+  assert_same_state(resumed, expected)  # params, BN statistics, optimizer and schedule state
+  assert results(workdir) == results(straight)
+
+
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, digits_dir, straight):
+  args = [f'--config.data.data_dir={digits_dir}', '--config.num_train_steps=24', *TRAIN]
+  workdir = tmp_path / 'preempted'
+  process = _start(workdir, args)
+  metrics = workdir / 'metrics.jsonl'
+  _wait_for(process, lambda: metrics.exists() and '"train_loss"' in metrics.read_text())
+  process.send_signal(signal.SIGTERM)  # past step 4
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-3000:]
   assert 'SIGTERM: saved a checkpoint at step' in stderr
   stopped_at, _ = saved_state(workdir)
   assert 4 <= stopped_at < 24  # stopped early, mid-window and mid-epoch in general
+  _assert_resumes_exactly(workdir, args, straight)
 
-  helpers.run_py(f'--workdir={workdir}', *args)  # the same command continues
-  step, resumed = saved_state(workdir)
-  _, straight = saved_state(tmp_path / 'straight')
-  assert step == 24
-  assert_same_state(resumed, straight)  # params, BN statistics, optimizer and schedule state
-  assert results(workdir) == results(tmp_path / 'straight')
+
+def test_sigterm_during_a_slow_evaluation_saves_at_once_and_resumes_exactly(tmp_path, digits_dir,
+                                                                            straight):
+  """The evaluation is stopped (not waited for): 6 batches of 3 s here, stopped in the first.
+
+  The checkpoint holds the state before the evaluation; the restarted run
+  evaluates it first, so the metrics and the final state match an
+  uninterrupted run's.
+  """
+  args = [f'--config.data.data_dir={digits_dir}', '--config.num_train_steps=24', *TRAIN]
+  workdir, started = tmp_path / 'preempted', tmp_path / 'eval_started'
+  process = _start(workdir, args, prelude=SLOW_EVAL, env={'EVAL_STARTED': str(started)})
+  _wait_for(process, started.exists)
+  sent = time.monotonic()
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  elapsed = time.monotonic() - sent
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'SIGTERM during the evaluation at step 6: stopped it to save.' in stderr
+  assert 'SIGTERM: saved a checkpoint at step 6' in stderr
+  assert elapsed < 12, elapsed  # the whole evaluation would take 18 s
+  assert saved_state(workdir)[0] == 6
+  assert not [line for line in results(workdir) if 'eval_loss' in line]
+  _assert_resumes_exactly(workdir, args, straight)
 
 
 @pytest.fixture(scope='module')
@@ -162,3 +223,75 @@ def test_damaged_and_mismatched_checkpoints_fail_clearly(trained, tmp_path, digi
   assert sorted(map(int, os.listdir(tmp_path / 'checkpoints')))[-1] == 18
   out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--checkpoint=7', check=False)
   assert 'use latest, best or a saved step' in out.stderr
+
+
+def _checkpoints_and_target(workdir, digits_dir):
+  """The workdir's Checkpoints and the abstract state of the config it was trained with."""
+  from resnet_jax import checkpointing, train
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'batch_size': 16,
+                                   'eval_batch_size': 64})
+  _, strategy, _ = train.setup(config)
+  return checkpointing.Checkpoints(workdir), strategy.abstract_state(jax.random.key(0))
+
+
+def test_restore_errors_that_are_not_damage_are_retried_and_move_nothing(
+    trained, tmp_path, digits_dir, monkeypatch):
+  from resnet_jax import checkpointing
+  workdir = _copy(trained, tmp_path)
+  monkeypatch.setattr(checkpointing, 'RETRY_SECONDS', 0.01)
+  ckpt, target = _checkpoints_and_target(workdir, digits_dir)
+  real_restore, calls = ocp.CheckpointManager.restore, []
+
+  def flaky(failures, error):
+    def restore(self, *args, **kwargs):
+      calls.append(args[0])
+      if len(calls) <= failures:
+        raise error
+      return real_restore(self, *args, **kwargs)
+    return restore
+
+  # A read that keeps failing (a storage outage): three attempts, then a clear stop.
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', flaky(
+      99, ValueError('UNAVAILABLE: Error reading: connection reset by peer')))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match='step 12 .* after 3 attempts .*UNAVAILABLE.* Nothing was moved'):
+    ckpt.restore_latest_good(target)
+  assert calls == [12, 12, 12]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '6']
+  assert not (workdir / 'damaged_checkpoints').exists()
+  # Out of memory is not damage either.
+  calls.clear()
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', flaky(99, MemoryError()))
+  with pytest.raises(checkpointing.CheckpointError, match='MemoryError'):
+    ckpt.restore_latest_good(target)
+  # A transient failure that clears up: the newest checkpoint is restored.
+  calls.clear()
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', flaky(2, TimeoutError('read timed out')))
+  step, _, _ = ckpt.restore_latest_good(target)
+  assert step == 12 and calls == [12, 12, 12]
+  ckpt.close()
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbled', 'missing'])
+def test_corrupt_checkpoint_content_is_moved_aside_with_the_reason(trained, tmp_path, digits_dir,
+                                                                   damage):
+  workdir = _copy(trained, tmp_path)
+  data_files = list((workdir / 'checkpoints' / '12' / 'state' / 'd').iterdir())
+  assert data_files
+  for path in data_files:
+    content = path.read_bytes()
+    if damage == 'truncated':
+      path.write_bytes(content[:len(content) // 2])
+    elif damage == 'garbled':
+      path.write_bytes(content[:16] + bytes(b ^ 0xFF for b in content[16:48]) + content[48:])
+    else:
+      path.unlink()
+  ckpt, target = _checkpoints_and_target(workdir, digits_dir)
+  step, _, _ = ckpt.restore_latest_good(target)
+  ckpt.close()
+  assert step == 6
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['6']
+  (moved,) = os.listdir(workdir / 'damaged_checkpoints')
+  assert moved.startswith('12-')
+  why = (workdir / 'damaged_checkpoints' / moved / 'WHY_DAMAGED.txt').read_text()
+  assert 'checkpoints/12 cannot be read' in why and 'state/d/' in why, why

@@ -82,13 +82,25 @@ def test_ten_crop_geometry():
   np.testing.assert_array_equal(pp.center_crop(image, 4).numpy(), expected[4])
 
 
-def test_paper_scale_augmentation_and_cifar_crop():
+def test_scale_augmentation_samples_every_shorter_side_in_range_and_no_other():
+  """The paper's S ~ U[256, 480], both ends included (225 values)."""
+  sides = pp.sample_shorter_sides(tf.constant([7, 1], tf.int64), 4000, 256, 480).numpy()
+  assert sides.min() == 256 and sides.max() == 480
+  counts = np.bincount(sides - 256, minlength=225)
+  assert len(counts) == 225 and counts.min() > 0  # every value, nothing outside
+  assert abs(sides.mean() - 368) < 4  # uniform: mean (256 + 480) / 2
+  # A narrow range shows the ends as clearly.
+  assert set(pp.sample_shorter_sides(tf.constant([1, 2], tf.int64), 200, 30, 32).numpy()) == {
+      30, 31, 32}
+  # The crop is taken from the image resized to that side.
   image = tf.random.uniform((300, 400, 3))
-  seeds = [tf.constant([s, 1], tf.int64) for s in range(20)]
-  sides = {int(pp.resize_shorter_side(image, s).shape[0]) for s in (256, 480)}
-  assert sides == {256, 480}
+  seeds = [tf.constant([s, 1], tf.int64) for s in range(5)]
   crops = [pp.random_scale_and_crop(image, 224, 256, 480, seed) for seed in seeds]
   assert {tuple(c.shape) for c in crops} == {(224, 224, 3)}
+
+
+def test_cifar_pad_and_crop_reaches_into_the_padding():
+  seeds = [tf.constant([s, 1], tf.int64) for s in range(20)]
   small = tf.ones((32, 32, 3))
   padded = [pp.pad_and_random_crop(small, 4, seed).numpy() for seed in seeds]
   assert all(p.shape == (32, 32, 3) for p in padded)

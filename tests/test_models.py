@@ -159,13 +159,24 @@ def test_forward_pass_and_batch_stats_update(name, size):
   assert eval_logits.shape == (4, 10)
 
 
-def test_conv_init_is_he_fan_out_normal():
-  model = models.create_model('resnet56', 10)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
-  kernel = params['stage3_block1']['conv2']['kernel']  # 3x3x64x64
-  expected = np.sqrt(2.0 / (3 * 3 * 64))
-  assert abs(float(jnp.std(kernel)) - expected) / expected < 0.03
-  assert float(jnp.max(jnp.abs(kernel))) > 3.5 * expected  # untruncated Gaussian
+@pytest.mark.parametrize('name,shape,path', [
+    ('resnet20', CIFAR, ('stage2_block1', 'conv1')),  # 3x3, 16 -> 32: fan-out twice fan-in
+    ('resnet18', (64, 64, 3), ('stem_conv',)),        # 7x7, 3 -> 64: fan-out 21x fan-in
+])
+def test_conv_init_is_he_fan_out_normal(name, shape, path):
+  """std sqrt(2 / fan_out), fan_out = k*k*out (He et al.), not fan-in's sqrt(2 / (k*k*in))."""
+  params = models.create_model(name, 10).init(jax.random.key(0), jnp.zeros((1,) + shape),
+                                              train=False)['params']
+  kernel = params
+  for key in path:
+    kernel = kernel[key]
+  kernel = np.asarray(kernel['kernel'])
+  kh, kw, fan_in_features, out_features = kernel.shape
+  fan_out, fan_in = kh * kw * out_features, kh * kw * fan_in_features
+  assert fan_out >= 2 * fan_in
+  assert abs(kernel.std() - np.sqrt(2.0 / fan_out)) / np.sqrt(2.0 / fan_out) < 0.05
+  assert abs(kernel.mean()) < 0.1 * kernel.std()
+  assert np.abs(kernel).max() > 3 * kernel.std()  # untruncated (a 2-sigma truncation is common)
   assert params['stage1_block1']['bn2']['scale'].min() == 1.0
 
 
@@ -192,16 +203,25 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params():
   assert 'bf16[4,32,32,16]' in jaxpr
 
 
-def test_batch_norm_normalises_and_updates_running_statistics():
-  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 4, 4, 5))
+def test_batch_norm_normalises_and_its_running_statistics_track_the_data():
+  """Train mode standardises each batch; the running statistics converge to the data's own,
+  so that eval mode standardises new data from the same distribution."""
   bn = models.BatchNorm(use_running_average=False, momentum=0.9)
-  variables = bn.init(jax.random.key(0), x)
-  y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+  draw = lambda i: 3.0 + 2.0 * jax.random.normal(jax.random.key(i), (64, 4, 4, 5))
+  variables = bn.init(jax.random.key(0), draw(0))
+  y, updates = bn.apply(variables, draw(0), mutable=['batch_stats'])
   np.testing.assert_allclose(y.mean((0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose(y.var((0, 1, 2)), 1.0, atol=1e-3)
-  stats = updates['batch_stats']
-  np.testing.assert_allclose(stats['mean'], 0.1 * x.mean((0, 1, 2)), rtol=1e-5)
-  np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * x.var((0, 1, 2)), rtol=1e-5)
+  # One step moves the running mean a tenth of the way from 0 towards 3, not nine tenths.
+  assert 0.25 < float(updates['batch_stats']['mean'].mean()) < 0.35
+  for i in range(1, 80):
+    _, updates = bn.apply({**variables, **updates}, draw(i), mutable=['batch_stats'])
+  np.testing.assert_allclose(updates['batch_stats']['mean'], 3.0, atol=0.05)
+  np.testing.assert_allclose(updates['batch_stats']['var'], 4.0, rtol=0.03)
+  evaluate = models.BatchNorm(use_running_average=True)
+  out = evaluate.apply({**variables, **updates}, draw(1000))
+  np.testing.assert_allclose(out.mean((0, 1, 2)), 0.0, atol=0.05)
+  np.testing.assert_allclose(out.std((0, 1, 2)), 1.0, atol=0.05)
 
 
 def test_ghost_batch_norm_equals_normalising_each_group_alone():

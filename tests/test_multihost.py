@@ -1,15 +1,18 @@
 """A real multi-host run: 2 processes on 127.0.0.1 with 4 CPU devices each."""
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import jax
 
 from tests import helpers
-from tests.test_checkpoints import results, saved_state
+from tests.test_checkpoints import assert_same_state, results, saved_state
 
 # BN statistics per device (groups of 2), a small learning rate and few steps: the
 # 2-process run is compared with 1 process step by step. (On CPU the 2-process run
@@ -30,21 +33,39 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_path, digits_dir):
-  data = f'--config.data.data_dir={digits_dir}'
-  multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'
+def _start_hosts(workdir, *args):
+  """run.py as 2 processes on 127.0.0.1 with 4 CPU devices each (logs in files: no pipe fills)."""
   port = _free_port()
   code = ('import runpy, sys\nsys.argv = ["run.py"] + sys.argv[1:]\n'
           f'runpy.run_path({os.path.join(helpers.REPO, "run.py")!r}, run_name="__main__")\n')
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  hosts = [subprocess.Popen(
-      [sys.executable, '-c', code, f'--workdir={multi}', data, *ARGS,
-       f'--distributed=127.0.0.1:{port},2,{i}'],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=helpers.REPO)
-      for i in range(2)]
-  logs = [host.communicate(timeout=600)[1] for host in hosts]
-  for host, log in zip(hosts, logs):
-    assert host.returncode == 0, log[-4000:]
+  hosts = []
+  for i in range(2):
+    log = open(f'{workdir}.host{i}.{time.monotonic_ns()}.log', 'w+')  # pylint: disable=consider-using-with
+    hosts.append((subprocess.Popen(
+        [sys.executable, '-c', code, f'--workdir={workdir}', *args,
+         f'--distributed=127.0.0.1:{port},2,{i}'],
+        stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, cwd=helpers.REPO), log))
+  return hosts
+
+
+def _finish(hosts):
+  """Each host's log, once both have exited 0."""
+  logs = []
+  for process, log in hosts:
+    process.wait(timeout=600)
+    log.seek(0)
+    logs.append(log.read())
+    log.close()
+    assert process.returncode == 0, logs[-1][-4000:]
+  return logs
+
+
+def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_path, digits_dir):
+  data = f'--config.data.data_dir={digits_dir}'
+  multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'
+  logs = _finish(_start_hosts(multi, data, *ARGS))
+  for log in logs:
     assert 'oneDNN convolutions are not available' not in log  # each host's own check
     assert 'oneDNN kernel gradients are not available' not in log  # each loads the extension
   # Each host read its own devices' data shards, and its own half of the eval split.
@@ -77,3 +98,30 @@ def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_
   final = [line for line in results(multi) if 'eval_top1_error' in line][-1]
   assert result['step'] == 3 and result['num_devices'] == 1
   assert np.isclose(result['top1_error'], final['eval_top1_error'])
+
+
+def test_sigterm_on_one_host_stops_both_at_one_step_then_they_resume_exactly(tmp_path, digits_dir):
+  """JAX's preemption sync manager: host 1 gets SIGTERM, both hosts save the same step."""
+  args = [f'--config.data.data_dir={digits_dir}', *ARGS[1:], '--config.num_train_steps=12',
+          '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6']
+  straight, preempted = tmp_path / 'straight', tmp_path / 'preempted'
+  _finish(_start_hosts(straight, *args))
+
+  hosts = _start_hosts(preempted, *args)
+  metrics = preempted / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not (metrics.exists() and '"train_loss"' in metrics.read_text()):  # past step 1
+    assert all(h.poll() is None for h, _ in hosts) and time.time() < deadline
+    time.sleep(0.05)
+  hosts[1][0].send_signal(signal.SIGTERM)
+  logs = _finish(hosts)
+  stops = [re.findall(r'SIGTERM: saved a checkpoint at step (\d+)', log) for log in logs]
+  assert stops[0] == stops[1] and len(stops[0]) == 1, logs[0][-3000:]
+  assert 1 <= int(stops[0][0]) < 12 and saved_state(preempted)[0] == int(stops[0][0])
+
+  _finish(_start_hosts(preempted, *args))  # the same command on both hosts continues
+  step, resumed = saved_state(preempted)
+  _, expected = saved_state(straight)
+  assert step == 12
+  assert_same_state(resumed, expected)
+  assert results(preempted) == results(straight)

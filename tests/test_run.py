@@ -143,3 +143,43 @@ def test_imagenet_from_the_users_tars_trains_resnet18(tmp_path, sample_imagenet)
   assert [line['step'] for line in lines if 'train_loss' in line] == [2, 4]
   (final,) = [line for line in lines if 'eval_loss' in line]
   assert final['eval_num_examples'] == 8
+
+
+OFFLINE = ('import errno, socket\n'
+           'def _unreachable(*args, **kwargs):\n'
+           '  raise OSError(errno.ENETUNREACH, "Network is unreachable")\n'
+           'socket.socket.connect = socket.create_connection = _unreachable\n'
+           'def _no_dns(*args, **kwargs):\n'
+           '  raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")\n'
+           'socket.getaddrinfo = _no_dns\n'
+           # tfds retries a failed download 10 times over 3.5 minutes: once is enough here.
+           'from tensorflow_datasets.core.download import downloader\n'
+           'downloader.MAX_RETRIES = 0\n')
+
+
+def test_a_data_set_that_cannot_be_downloaded_says_what_to_do(tmp_path):
+  """A compute node without internet: one message, the host, and the two ways out."""
+  result = helpers.run_py('--config=configs/cifar10.py:resnet20', f'--workdir={tmp_path / "w"}',
+                          f'--config.data.data_dir={tmp_path / "tfds"}', prelude=OFFLINE,
+                          check=False)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  message = result.stderr[result.stderr.index('error: '):]
+  for text in ("Cannot download the tfds data set 'cifar10': www.cs.toronto.edu cannot be "
+               'reached', 'Prepare it on a machine with internet', '--config.data.data_dir=',
+               'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz',
+               f'{tmp_path / "tfds"}/downloads/manual', '--config.data.manual_dir'):
+    assert text in message, message
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_only_expected_errors_lose_their_traceback(tmp_path, digits_dir):
+  """A ValueError from a bug is not a user error: its traceback must show."""
+  bug = ('from resnet_jax import train\n'
+         'def _bug(*args, **kwargs):\n'
+         '  raise ValueError("a bug deep inside")\n'
+         'train.train_and_evaluate = _bug\n')
+  result = helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
+                          prelude=bug, check=False)
+  assert result.returncode != 0
+  assert 'Traceback' in result.stderr and 'ValueError: a bug deep inside' in result.stderr

@@ -2,12 +2,16 @@
 import math
 import os
 import re
+import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resnet_jax import checkpointing
+from resnet_jax import errors
 from resnet_jax import models
 from resnet_jax import optim
 from resnet_jax import parallel
@@ -211,11 +215,6 @@ def test_eval_step_scores_masked_batches_and_ten_crops():
   for key in ('loss', 'top1_error', 'top5_error'):
     np.testing.assert_allclose(masked[key], only[key], rtol=1e-5)
   assert float(full['count']) == 8
-  # Ten identical crops score exactly like one.
-  ten = {**batch, 'image': np.repeat(batch['image'][:, None], 10, axis=1), 'mask': mask}
-  ten_metrics = eval_fn(state, ten)
-  np.testing.assert_allclose(ten_metrics['top1_error'], masked['top1_error'])
-  np.testing.assert_allclose(ten_metrics['loss'], masked['loss'], rtol=1e-4)
 
 
 def test_batch_not_divisible_by_devices_fails_clearly():
@@ -247,6 +246,55 @@ def test_non_finite_loss_stops_training_and_keeps_the_checkpoint(tmp_path, digit
   assert max(int(step) for step in os.listdir(tmp_path / 'checkpoints')) == last_good
 
 
+def test_non_finite_eval_loss_stops_training_and_is_never_saved(tmp_path, digits_dir,
+                                                                monkeypatch):
+  """A diverged evaluation must not become the best checkpoint or feed the plateau rule."""
+  real_evaluate, calls = train.evaluate, []
+
+  def diverging_evaluate(*args, **kwargs):
+    metrics = real_evaluate(*args, **kwargs)
+    calls.append(metrics['eval_top1_error'])
+    return {**metrics, 'eval_loss': float('nan')} if len(calls) == 2 else metrics
+
+  monkeypatch.setattr(train, 'evaluate', diverging_evaluate)
+  rules = []
+  monkeypatch.setattr(optim, 'after_eval', lambda config, state, error: rules.append(error) or state)
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'num_train_steps': 12,
+                                   'eval_every_steps': 2, 'checkpoint_every_steps': 2})
+  with pytest.raises(errors.DivergedError, match=r'The eval loss is nan at step 4: training '
+                     r'stopped without saving this state. The last good checkpoint is at step 2'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [2]
+  assert rules == calls[:1]  # the plateau rule saw only the finite evaluation
+  lines = helpers.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [line['step'] for line in lines if 'eval_loss' in line] == [2]
+
+
+def test_images_per_sec_counts_training_steps_only(tmp_path, digits_dir, monkeypatch):
+  """Evaluation and checkpoint saves (here made 3 s slower) are not training time."""
+  real_evaluate, real_save = train.evaluate, checkpointing.Checkpoints.save
+
+  def slow(fn):
+    def wrapped(*args, **kwargs):
+      time.sleep(1.5)
+      return fn(*args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(train, 'evaluate', slow(real_evaluate))
+  monkeypatch.setattr(checkpointing.Checkpoints, 'save', slow(real_save))
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'num_train_steps': 6,
+                                   'log_every_steps': 2, 'eval_every_steps': 4,
+                                   'checkpoint_every_steps': 4})
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = helpers.read_jsonl(tmp_path / 'metrics.jsonl')
+  rate = {line['step']: line['images_per_sec'] for line in lines if 'images_per_sec' in line}
+  # Steps 3-4 are compiled training only; steps 5-6 follow the evaluation and the save
+  # at step 4 (3 s and more). Counted in, they would make the rate at least 3 s / 2
+  # steps of 16 images: below 11 images/s.
+  assert sorted(rate) == [2, 4, 6]
+  assert rate[6] > 0.5 * rate[4] and rate[6] > 40, rate
+
+
 def test_bfloat16_training_follows_float32():
   """Mixed precision: bf16 compute, float32 params and BN statistics, the same losses within 2%."""
   batches = _batches(5, 16, seed=3)
@@ -259,3 +307,98 @@ def test_bfloat16_training_follows_float32():
   assert bf16_losses != f32_losses  # it really computed in bfloat16
   assert {x.dtype for x in jax.tree.leaves((bf16_state.params, bf16_state.batch_stats))} == {
       np.dtype('float32')}
+
+
+class Echo(nn.Module):
+  """A "network" whose logits are the first pixel's channels: tests choose the logits."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    scale = self.param('scale', nn.initializers.ones, ())
+    return x[:, 0, 0, :] * scale
+
+
+def _echo_steps(num_classes):
+  config = helpers.small_config()
+  model, tx = Echo(), optim.create_optimizer(config)
+  state = steps.create_train_state(model, tx, config, (1, 1, num_classes), jax.random.key(0))
+  train_fn, eval_fn = steps.make_steps(model, tx, config, optim.schedule_fn(config, 1, 1))
+  return state, jax.jit(train_fn), jax.jit(eval_fn)
+
+
+NAN, INF = float('nan'), float('inf')
+# (logits over 6 classes, label, top-1 correct, top-5 correct)
+TOPK_CASES = [
+    ([3, 0, 1, 2, -1, -2], 0, True, True),       # the best, strictly
+    ([3, 0, 1, 2, -1, -2], 1, False, True),      # fourth best
+    ([3, 0, 1, 2, -1, -2], 5, False, False),     # the worst
+    ([1, 1, 0, 0, 0, 0], 0, False, True),        # tied for the best: a tie is not a win
+    ([0, 0, 0, 0, 0, 0], 3, False, False),       # collapsed net: all tied
+    ([0, 0, 0, 0, 0, 1], 3, False, False),       # tied with four others below the best
+    ([NAN, 0, -1, -2, -3, -4], 1, False, True),  # a NaN elsewhere counts against the label
+    ([0, NAN, -1, -2, -3, -4], 1, False, False), # the label's logit is NaN
+    ([NAN] * 6, 2, False, False),                # diverged
+    ([0, INF, -1, -2, -3, -4], 1, False, False), # the label's logit is +inf
+    ([0, 1, -INF, -INF, -INF, -INF], 1, True, True),
+    ([INF, 1, 0, 0, 0, 0], 1, False, True),
+]
+
+
+def test_top_k_counts_ties_and_non_finite_logits_as_errors():
+  logits = jnp.array([case[0] for case in TOPK_CASES], jnp.float32)
+  labels = jnp.array([case[1] for case in TOPK_CASES], jnp.int32)
+  top1 = [case[2] for case in TOPK_CASES]
+  top5 = [case[3] for case in TOPK_CASES]
+  assert steps.topk_correct(logits, labels, 1).tolist() == top1
+  assert steps.topk_correct(logits, labels, 5).tolist() == top5
+
+  # The same through the train step and the eval step (one crop and ten).
+  state, train_fn, eval_fn = _echo_steps(6)
+  images = np.asarray(logits)[:, None, None, :]
+  expected = {'top1_error': top1.count(False), 'top5_error': top5.count(False)}
+  _, train_metrics = train_fn(state, {'image': images, 'label': labels})
+  mask = np.ones(len(labels), bool)
+  eval_metrics = eval_fn(state, {'image': images, 'label': labels, 'mask': mask})
+  ten = np.repeat(images[:, None], 10, axis=1)  # ten crops with the same logits
+  ten_metrics = eval_fn(state, {'image': ten, 'label': labels, 'mask': mask})
+  for metrics in (train_metrics, eval_metrics):
+    assert {k: int(metrics[k]) for k in expected} == expected, metrics
+  # Averaged crops: a NaN or +inf logit anywhere makes that example's probabilities
+  # undefined, so two more examples (a NaN elsewhere, a +inf elsewhere) are top-5 errors.
+  undefined = [i for i, case in enumerate(TOPK_CASES)
+               if np.isnan(case[0]).any() or np.isposinf(case[0]).any()]
+  ten_expected = {'top1_error': sum(not c or i in undefined for i, c in enumerate(top1)),
+                  'top5_error': sum(not c or i in undefined for i, c in enumerate(top5))}
+  assert ten_expected == {'top1_error': 10, 'top5_error': 8}
+  assert {k: int(ten_metrics[k]) for k in expected} == ten_expected, ten_metrics
+  # One diverged crop (NaN) makes the averaged example an error.
+  ten[0, 3, 0, 0, :] = NAN
+  ten_metrics = eval_fn(state, {'image': ten, 'label': labels, 'mask': mask})
+  assert int(ten_metrics['top1_error']) == expected['top1_error'] + 1
+  assert not np.isfinite(float(ten_metrics['loss']))
+
+
+def test_ten_crop_averages_probabilities_in_log_space():
+  state, _, eval_fn = _echo_steps(1000)
+  mask = np.ones(2, bool)
+  # Example 0: one crop very sure of class 0, nine fairly sure of class 1. The mean
+  # probability favours class 1 (0.86 vs 0.10); the mean logit class 0 (10 vs 9).
+  crops = np.zeros((2, 10, 1000), np.float32)
+  crops[0, 0, 0] = 100.0
+  crops[0, 1:, 1] = 10.0
+  # Example 1: the label's probability is about e^-200 in every crop, below float32's
+  # smallest number, but it is still the second best class: top-5, not top-1.
+  crops[1, :, :] = -300.0
+  crops[1, :, 0] = 0.0
+  crops[1, :, 1] = -200.0
+  labels = np.array([1, 1], np.int32)
+  metrics = eval_fn(state, {'image': crops[:, :, None, None, :], 'label': labels, 'mask': mask})
+  assert int(metrics['top1_error']) == 1 and int(metrics['top5_error']) == 0
+  x = crops.astype(np.float64)
+  log_probs = x - x.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  mean_probs = np.exp(log_probs).mean(axis=1)
+  expected_loss = -np.log(mean_probs[0, 1]) + 200.0  # example 1: -log(e^-200)
+  np.testing.assert_allclose(float(metrics['loss']), expected_loss, rtol=1e-5)
+  averaged = steps.average_crops(jnp.asarray(crops))
+  assert int(jnp.argmax(averaged[0])) == 1 and int(jnp.argmax(crops[0].mean(0))) == 0

@@ -1,0 +1,41 @@
+"""The one path layer for everything a run reads and writes in a workdir.
+
+Workdirs on TPU VMs are `gs://` buckets (the VM's disk goes with the VM), so
+every file (config.json, metrics.jsonl, checkpoints, eval results, sweep
+summaries, figures) goes through etils `epath`, which orbax uses too: local
+paths and `gs://` paths behave alike. Local paths are made absolute (orbax
+needs that); remote ones are kept as given.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  return '://' in os.fspath(path)
+
+
+def workdir_path(path: str | os.PathLike) -> epath.Path:
+  """An epath for `path`: `gs://...` as given, a local path made absolute."""
+  path = os.fspath(path)
+  return epath.Path(path if is_remote(path) else os.path.abspath(os.path.expanduser(path)))
+
+
+def write_json(path: epath.Path, value: Any) -> None:
+  path.write_text(json.dumps(value, indent=2, sort_keys=True) + '\n')
+
+
+def read_json(path: epath.Path) -> Any:
+  return json.loads(path.read_text())
+
+
+def save_figure(figure: Any, path: epath.Path, dpi: int = 120) -> None:
+  """matplotlib's savefig into any path (it writes local files only)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format=path.suffix.lstrip('.') or 'png', dpi=dpi)
+  path.write_bytes(buffer.getvalue())
