@@ -3,16 +3,11 @@
   python run.py --config=configs/default.py --workdir=/tmp/quickstart
   python run.py --mode=describe --config.model.name=resnet56
   python run.py --mode=eval --workdir=/tmp/quickstart --checkpoint=best
+  python run.py --mode=export --workdir=/tmp/quickstart
 """
 import os
 import sys
 
-from resnet_jax import malloc
-
-if __name__ == '__main__':
-  malloc.reexec_with_huge_pages()  # first: glibc reads it at start-up (resnet_jax/malloc.py)
-
-# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -29,7 +24,7 @@ except cli.CONFIG_ERRORS as error:
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
 _MODE = flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
-                                  'For --mode=eval: latest, best or a step number.')
+                                  'For --mode=eval and export: latest, best or a step number.')
 _DISTRIBUTED = flags.DEFINE_string(
     'distributed', '', 'Multi-host: "auto" (TPU VMs, SLURM: JAX finds its peers) or '
     '"HOST:PORT,NUM_PROCESSES,PROCESS_ID" (the coordinator is process 0). Empty: one process.')
@@ -39,6 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
+    cli.restart_for_cpu_kernels(_MODE.value, _CONFIG.value)  # first (see its docstring)
     cli.init_distributed(_DISTRIBUTED.value)
     cli.run(_MODE.value, _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
             config_given=flags.FLAGS['config'].present,

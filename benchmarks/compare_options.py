@@ -1,7 +1,7 @@
 """Train-step speed of model-option variants, measured in one process, interleaved.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/compare_options.py \
-        --variant pad_narrow_convs=False --variant pad_narrow_convs=True
+        --variant cpu_kernels=off --variant cpu_kernels=on
 
 Why: on a shared machine, separate runs of the same step vary by 5% or more
 (other tenants, memory bandwidth), which hides changes of that size. Here
@@ -9,7 +9,8 @@ every variant is compiled in the same process and timed in alternating blocks
 of --steps steps, so slow spells hit all of them; the table gives each
 variant's median block (img/s) and the process CPU time per step (user and
 system) in that block. A variant is a comma-separated list of config.model
-options (KEY=VALUE, Python literals); an empty one is the defaults.
+options and config.cpu_kernels (KEY=VALUE, Python literals); an empty one is
+the defaults.
 """
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train_step  # pylint: disable=wrong-import-position
-from resnet_jax import malloc  # pylint: disable=wrong-import-position
+from resnet_jax.cpu import malloc  # pylint: disable=wrong-import-position
 
 
 def main() -> None:
   malloc.reexec_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--variant', type=train_step.parse_model_options, action='append',
+  parser.add_argument('--variant', type=train_step.parse_options, action='append',
                       required=True, metavar='KEY=VALUE,...',
-                      help='config.model options, e.g. pad_narrow_convs=False (repeat)')
+                      help='config.model options or cpu_kernels, e.g. cpu_kernels=off (repeat)')
   parser.add_argument('--model', default='resnet20')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--image', type=int, default=32)
@@ -42,10 +43,9 @@ def main() -> None:
   if args.steps < 1 or args.blocks < 1:
     parser.error('--steps and --blocks must be at least 1')
   import jax  # pylint: disable=import-outside-toplevel
-  from resnet_jax import models  # pylint: disable=import-outside-toplevel
   for options in args.variant:  # fail on a typo before anything compiles
     try:
-      models.check_options(args.model, dict(options))
+      train_step.check_options(args.model, options)
     except ValueError as e:
       parser.error(str(e))
 
@@ -75,7 +75,7 @@ def main() -> None:
 
   print(f'$ python {" ".join(sys.argv)}')
   print(f'{args.model}, batch {args.batch}, {args.image}x{args.image}, {args.dtype}, '
-        f'{args.parallel} on {jax.device_count()} XLA device(s), {models.cpu_cores()} CPU cores, '
+        f'{args.parallel} on {jax.device_count()} XLA device(s), {len(os.sched_getaffinity(0))} CPU cores, '
         f'{args.blocks} blocks of {args.steps} steps per variant')
   print(f'{"variant":44} {"img/s":>7} {"CPU ms/step":>12} {"of it system":>12}  blocks (img/s)')
   for run in runs:

@@ -30,8 +30,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train_step  # pylint: disable=wrong-import-position
-from resnet_jax import malloc  # pylint: disable=wrong-import-position
-from resnet_jax import onednn_conv  # pylint: disable=wrong-import-position
+from resnet_jax.cpu import malloc  # pylint: disable=wrong-import-position
+from resnet_jax.cpu import onednn_conv  # pylint: disable=wrong-import-position
 
 
 def op_kinds(hlo_text: str) -> dict[str, str]:
@@ -53,9 +53,9 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     kernel_grad = re.search(r'= (\w+\[[\d,]*\])\S* custom-call\(.*'
                             + onednn_conv.KERNEL_GRAD_TARGET, line)
     if onednn:
-      kinds[name] = f'conv oneDNN (model.onednn_convs) -> {onednn.group(1)}'
+      kinds[name] = f'conv oneDNN (cpu plugin) -> {onednn.group(1)}'
     elif kernel_grad:
-      kinds[name] = f'kernel gradient oneDNN (model.onednn_kernel_grads) -> {kernel_grad.group(1)}'
+      kinds[name] = f'kernel gradient oneDNN (cpu plugin) -> {kernel_grad.group(1)}'
     elif conv:
       path = 'YNNPACK' if called else 'Eigen'
       kinds[name] = f'conv {path} {conv.group(2)} {conv.group(3)} -> {conv.group(1)}'
@@ -104,9 +104,9 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 warm-up)')
   parser.add_argument('--cpu', type=int, help='the core to run on (default: the first allowed)')
   parser.add_argument('--rows', type=int, default=25, help='groups to print')
-  parser.add_argument('--model_options', type=train_step.parse_model_options, default={},
+  parser.add_argument('--options', type=train_step.parse_options, default={},
                       metavar='KEY=VALUE,...',
-                      help='config.model options, e.g. pad_narrow_convs=False')
+                      help='config.model options or cpu_kernels, e.g. cpu_kernels=off')
   args = parser.parse_args()
   if not hasattr(os, 'sched_setaffinity'):
     raise SystemExit('Pinning to one core needs os.sched_setaffinity (Linux).')
@@ -119,7 +119,7 @@ def main() -> None:
   import jax  # pylint: disable=import-outside-toplevel
 
   step, state, (batch, _) = train_step.build(args.model, args.batch, args.image, 'jit',
-                                             'float32', args.model_options)
+                                             'float32', args.options)
   compiled = step.lower(state, batch).compile()
   for _ in range(2):
     state, metrics = compiled(state, batch)

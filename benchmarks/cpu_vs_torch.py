@@ -6,7 +6,7 @@
 Both sides run the same network (ResNet-20, option A shortcuts, BN, SGD with
 momentum 0.9 and weight decay 1e-4) on the same synthetic batch of 32x32
 images, with the same number of CPU threads and the same malloc setting (huge
-pages, as run.py sets it: resnet_jax/malloc.py).
+pages, as run.py sets it: resnet_jax/cpu/malloc.py).
 
 Why interleaved: on a shared machine, back-to-back runs of the same step vary
 by 5-10% (other tenants, memory bandwidth), as much as the differences to
@@ -33,7 +33,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import train_step  # pylint: disable=wrong-import-position
-from resnet_jax import malloc  # pylint: disable=wrong-import-position
+from resnet_jax.cpu import malloc  # pylint: disable=wrong-import-position
 
 JAX_CASES = [  # parallel, XLA devices
     ('jit', 1),

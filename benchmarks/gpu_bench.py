@@ -77,10 +77,13 @@ def bench_jax(model_name: str, batch: int, image: int, case: str, steps: int,
   """The row of one resnet_jax case (see `parse_case`), measured on the default device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from resnet_jax import models, optim, steps as steps_lib  # pylint: disable=import-outside-toplevel
+  from resnet_jax import backend, models, optim, steps as steps_lib  # pylint: disable=import-outside-toplevel
 
   dtype, options = parse_case(case)
   config = bench_config()
+  # The trainer's backend defaults (one-pass BN variance off CPUs), then the case's options.
+  options = {**backend.model_defaults({'bn_fast_variance': options.get('bn_fast_variance')}),
+             **options}
   model = models.create_model(model_name, 1000, dtype=dtype, **options)
   tx = optim.create_optimizer(config)
   train_fn, _ = steps_lib.make_steps(model, tx, config, optim.schedule_fn(config, 1, steps))

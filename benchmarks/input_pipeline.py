@@ -3,7 +3,7 @@
     python benchmarks/input_pipeline.py [--classes 50] [--per_class 10] [--batches 40]
 
 Builds (once, in --data_dir) an ILSVRC-2012 manual_dir of about 500x375 JPEGs
-made from real photos (resnet_jax.sample_imagenet), prepares it with the real
+made from real photos (resnet_jax.datasets.sample_imagenet), prepares it with the real
 tfds `imagenet2012` builder, then times resnet_jax's training pipeline with the
 paper's scale augmentation and with Inception crops, and the evaluation
 pipeline (centre crop and 10-crop), each once pinned to one core (taskset) and
@@ -58,7 +58,8 @@ def measure(data_dir: str, kind: str, variant: str, batch: int, batches: int) ->
 
 
 def prepare(data_dir: str, classes: int, per_class: int) -> None:
-  from resnet_jax import input_pipeline, sample_imagenet  # pylint: disable=import-outside-toplevel
+  from resnet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from resnet_jax.datasets import sample_imagenet  # pylint: disable=import-outside-toplevel
   config = config_for(data_dir, 'train', 'scale', 32)
   builder = input_pipeline.get_builder(config.data, prepare=False)
   if builder.is_prepared():

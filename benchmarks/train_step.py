@@ -19,7 +19,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from resnet_jax import malloc  # pylint: disable=wrong-import-position
+from resnet_jax.cpu import malloc  # pylint: disable=wrong-import-position
 
 DEFAULT_CASES = [  # model, batch, image, parallel, devices
     ('resnet20', 128, 32, 'jit', 1),
@@ -33,38 +33,58 @@ DEFAULT_CASES = [  # model, batch, image, parallel, devices
 ]
 
 
-def parse_model_options(text: str) -> dict:
-  """'key=value,key2=value2' (Python literals) -> config.model options."""
+def parse_options(text: str) -> dict:
+  """'key=value,key2=value2' -> config.model options, and cpu_kernels.
+
+  Values are Python literals; a bare word (cpu_kernels=off) is a string.
+  """
   options = {}
   for item in filter(None, text.split(',')):
     key, sep, value = item.partition('=')
+    value = value.strip()
+    if not sep or not key.strip() or not value:
+      raise argparse.ArgumentTypeError(f'{item!r}: expected KEY=VALUE')
     try:
-      if not sep:
-        raise ValueError
-      options[key.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError) as e:
-      raise argparse.ArgumentTypeError(
-          f'{item!r}: expected KEY=VALUE with a Python literal value') from e
+      options[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      if not value.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f'{item!r}: expected KEY=VALUE with a Python literal or a word') from None
+      options[key.strip()] = value
   return options
 
 
+def check_options(model: str, options: dict) -> None:
+  """A clear error for an option that the config or the model does not have."""
+  from resnet_jax import backend, models  # pylint: disable=import-outside-toplevel
+  options = dict(options)
+  backend.cpu_kernel_mode(options.pop('cpu_kernels', 'auto'))
+  models.check_options(model, options)
+
+
 def build(model: str, batch: int, image: int, parallel: str, dtype: str,
-          model_options: dict | None = None) -> tuple:
-  """The real train step of resnet_jax, its initial state and two synthetic batches."""
+          options: dict | None = None) -> tuple:
+  """The real train step of resnet_jax (with the kernels the trainer would choose), its
+  initial state and two synthetic batches. `options`: config.model options and cpu_kernels."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
-  from resnet_jax import models, optim, parallel as par  # pylint: disable=import-outside-toplevel
+  from resnet_jax import backend, models, optim, parallel as par  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   config.model.name, config.model.dtype = model, dtype
-  for key, value in (model_options or {}).items():
-    config.model[key] = value
+  for key, value in (options or {}).items():
+    if key == 'cpu_kernels':
+      config.cpu_kernels = value
+    else:
+      config.model[key] = value
   config.batch_size = config.eval_batch_size = batch
   config.parallel = parallel
   schedule = optim.schedule_fn(config, 100, 1000)
+  run_options = {**backend.model_defaults(config.model),
+                 **backend.choose_cpu_kernels(config.cpu_kernels).model_options}
   strategy = par.create(config, lambda axis: models.create_model_from_config(
-      config.model, 10 if image <= 64 else 1000, bn_axis_name=axis),
+      config.model, 10 if image <= 64 else 1000, bn_axis_name=axis, **run_options),
       optim.create_optimizer(config), schedule, (image, image, 3))
   state = strategy.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -128,7 +148,7 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--huge_pages', action=argparse.BooleanOptionalAction, default=True,
-                      help='glibc malloc with huge pages, as run.py sets it (resnet_jax/malloc.py)')
+                      help='glibc malloc with huge pages, as run.py sets it (resnet_jax/cpu/malloc.py)')
   parser.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:

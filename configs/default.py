@@ -27,23 +27,17 @@ def get_config() -> config_dict.ConfigDict:
   c.model.bn_epsilon = 1e-5
   # BN variance in one pass, E[x^2] - E[x]^2 in float32 (one read of x fewer, and
   # one collective fewer where BN syncs over pmap devices) or in two (exact for
-  # large means). None: one pass on GPU/TPU, two on CPU.
+  # large means). None: one pass on GPU/TPU, where BN is memory bound; two on CPU.
   c.model.bn_fast_variance = config_dict.placeholder(bool)
-  # Store the activations that feed convs (exact; faster on XLA:CPU). None: on CPUs only.
-  c.model.materialize_blocks = config_dict.placeholder(bool)
-  # Pad 16-feature conv inputs to 20 features (exact; XLA:CPU's fast kernels
-  # take only convs with more than 16). None: on CPUs with at most one core per
-  # XLA device (faster there; one device on many cores is faster without).
-  c.model.pad_narrow_convs = config_dict.placeholder(bool)
-  # Run convolutions on the oneDNN kernels that jaxlib's XLA:CPU links (exact up
-  # to float32 summation order; resnet_jax/onednn_conv.py). None: on x86-64 CPUs
-  # where its start-up check passes. When on, pad_narrow_convs has no effect.
-  c.model.onednn_convs = config_dict.placeholder(bool)
-  # With oneDNN convolutions, their kernel gradients on oneDNN too (resnet_jax's
-  # C++ extension, compiled on first use with g++ against the onednn-cpu-gomp
-  # pip package; resnet_jax/onednn_ext.py). None: where it builds and its
-  # start-up check passes; XLA's kernel gradients otherwise, with a warning.
-  c.model.onednn_kernel_grads = config_dict.placeholder(bool)
+
+  # --- Kernels (resnet_jax/backend.py). ---
+  # The CPU plugin (resnet_jax/cpu): the same convolutions on oneDNN's kernels
+  # under XLA:CPU, decided once at start-up for every host. 'auto': on for CPU
+  # runs where its checks pass (the kernel gradients also need g++ and the
+  # `cpu` extra), XLA's kernels otherwise; 'on': the same, but stop if it cannot
+  # run; 'off': XLA's kernels. $RESNET_JAX_CPU_KERNELS (on|off) replaces 'auto'.
+  # WORKDIR/config.json records what it resolved to (cpu_kernels_used).
+  c.cpu_kernels = 'auto'
 
   # --- Data (resnet_jax.input_pipeline). ---
   c.data = config_dict.ConfigDict()

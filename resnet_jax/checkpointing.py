@@ -199,6 +199,29 @@ class Checkpoints:
       raise
     return restored['state'], dict(restored['loop'] or {})
 
+  def restore_variables(self, step: int) -> tuple[Any, Any]:
+    """(params, batch_stats) at `step` on this process's first device, as saved.
+
+    Needs no model or config: the layout comes from the checkpoint itself
+    (for export and inspection).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+      saved = self.manager.item_metadata(step).get('state')
+      if saved is None:
+        raise DamagedCheckpointError(self.directory / str(step), 'its state item has no metadata')
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            saved)
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      _raise_damaged(self.directory / str(step), e)
+      raise
+    state = restored['state']
+    return state['params'], state['batch_stats']
+
   def _restore_with_retries(self, step: int, abstract_state: Any):
     """(outcome, restored or the error): retries errors that are not content damage."""
     for attempt in range(1, RESTORE_ATTEMPTS + 1):

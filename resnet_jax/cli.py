@@ -9,10 +9,10 @@ import ml_collections
 from absl import flags
 from absl import logging as absl_logging
 
+from resnet_jax import config_lib
 from resnet_jax import errors
-from resnet_jax import paths
 
-MODES = ('train', 'eval', 'describe', 'prepare', 'sweep', 'report')
+MODES = ('train', 'eval', 'describe', 'prepare', 'sweep', 'report', 'export')
 CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 # Libraries whose INFO lines drown the training log (warnings still show).
@@ -61,6 +61,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
   diverged run); any other exception, ValueError included, keeps its traceback.
   """
   return (errors.UserError,)
+
+
+def restart_for_cpu_kernels(mode: str, config: ml_collections.ConfigDict) -> None:
+  """Restarts this process with the CPU plugin's malloc setting (resnet_jax/cpu/malloc.py)
+  where the plugin may run steps: a CPU-only host, config.cpu_kernels not off.
+
+  First thing in main: glibc reads the setting at start-up, and a process that
+  has joined a multi-host run must not restart.
+  """
+  from resnet_jax import backend  # pylint: disable=g-import-not-at-top
+  if mode not in ('train', 'eval', 'sweep', 'report'):
+    return
+  if backend.cpu_kernel_mode(config.cpu_kernels) != 'off' and backend.likely_cpu_only():
+    from resnet_jax.cpu import malloc  # pylint: disable=g-import-not-at-top
+    malloc.reexec_with_huge_pages()
 
 
 def init_distributed(spec: str) -> None:
@@ -112,9 +127,14 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, ch
   elif mode == 'eval':
     from resnet_jax import eval_checkpoint  # pylint: disable=g-import-not-at-top
     if not config_given:
-      config = load_saved_config(workdir, config, overrides)
+      config = config_lib.load_saved_config(workdir, config, overrides)
     result = eval_checkpoint.evaluate_checkpoint(config, workdir, checkpoint)
     print(json.dumps(result, indent=2))
+  elif mode == 'export':
+    from resnet_jax import export  # pylint: disable=g-import-not-at-top
+    if not config_given:
+      config = config_lib.load_saved_config(workdir, config, overrides)
+    print(json.dumps(export.export_checkpoint(config, workdir, checkpoint), indent=2))
 
 
 def _train_or_sweep(mode: str, config: ml_collections.ConfigDict, workdir: str,
@@ -137,41 +157,3 @@ def _describe_classes(config: ml_collections.ConfigDict) -> int:
     return input_pipeline.num_classes(input_pipeline.get_builder(config.data, prepare=False))
   except Exception:  # pylint: disable=broad-except  (describe must work without tfds data)
     return 1000 if config.data.image_size >= 128 else 10
-
-
-def load_saved_config(workdir: str, default: ml_collections.ConfigDict,
-                      overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json (written at train time) with command-line overrides applied."""
-  path = paths.workdir_path(workdir) / 'config.json'
-  if not path.exists():
-    raise errors.ConfigError(f'{path} does not exist: pass --config=... (the config the '
-                             'checkpoint was trained with), or train in this workdir first.')
-  saved = paths.read_json(path)
-  config = default.unlock()
-  _update(config, saved)
-  for key, value in overrides.items():
-    set_field(config, key, value)
-  return config.lock()
-
-
-def _update(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
-  for key, value in values.items():
-    if isinstance(value, dict):
-      if key not in config:
-        config[key] = ml_collections.ConfigDict()
-      _update(config[key], value)
-    else:
-      current = config.get(key) if key in config else None
-      config[key] = tuple(value) if isinstance(value, list) and (
-          current is None or isinstance(current, tuple)) else value
-
-
-def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  """Sets an existing field, e.g. 'model.name'; a field that does not exist is an error."""
-  *parents, leaf = dotted.split('.')
-  node = config
-  for key in parents:
-    node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise errors.ConfigError(f'{dotted!r}: the config has no such field.')
-  node[leaf] = value

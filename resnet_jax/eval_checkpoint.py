@@ -14,7 +14,8 @@ from resnet_jax import train
 def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dict[str, Any]:
   """Restores `which` (latest, best or a step), evaluates the configured split and writes
   WORKDIR/eval_results.json."""
-  inp, strategy, _ = train.setup(config)
+  run = train.setup(config)
+  inp, strategy = run.inp, run.strategy
   ckpt = checkpointing.Checkpoints(workdir)
   step = ckpt.resolve(which)
   state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))

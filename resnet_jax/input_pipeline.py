@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import math
 import os
 import re
@@ -27,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from resnet_jax import errors
 from resnet_jax import preprocessing as pp
-from resnet_jax import sklearn_digits  # pylint: disable=unused-import  (registers the builder)
+from resnet_jax import datasets
 
 # tf.data only: TensorFlow must never claim the accelerators JAX uses.
 tf.config.set_visible_devices([], 'GPU')
@@ -52,6 +53,8 @@ class Splits:
 
 def get_builder(data_config: Any, prepare: bool = True) -> tfds.core.DatasetBuilder:
   """The tfds builder for `data_config.name`, prepared if that needs no user files."""
+  if data_config.name in datasets.BUILDERS:
+    importlib.import_module(datasets.BUILDERS[data_config.name])  # registers it with tfds
   try:
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:

@@ -1,13 +1,16 @@
 """The networks of He et al. 2015 (arXiv:1512.03385) as pure Flax linen modules.
 
 Every named network is a `functools.partial` of one of two modules (`ResNet`,
-`VGG`), so adding a depth is one line in `_REGISTRY`. This module imports only
-jax and flax: GPU and TPU benchmark machines may have nothing else.
+`VGG`), so adding a depth is one line in `_REGISTRY`. The traced program
+depends only on a module's fields: nothing here reads the backend, the host
+or its cores. The one hook for backend-specific speed work is
+`conv_general_dilated` (lax's by default), which a trainer may replace with
+the same convolution computed by other kernels (resnet_jax/cpu). This module
+imports only jax and flax: GPU and TPU machines may have nothing else.
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -15,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax import errors
-from resnet_jax import onednn_conv
 
 ModuleDef = Any
 
@@ -106,119 +108,6 @@ class BatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-@jax.custom_vjp
-def store(x: jax.Array, flag: jax.Array) -> jax.Array:
-  """Returns x exactly, written to memory once: the output of a `lax.cond`.
-
-  Why: XLA:CPU fuses elementwise producers (BN, the residual addition, ReLU)
-  into each of their consumers and recomputes them there. Left alone, it
-  recomputes every earlier block of a stage inside the transposes that feed
-  the weight gradients (cost quadratic in depth), and a transpose fused with
-  anything else runs ~3x slower than a pure one. Nothing fuses across a
-  conditional, so its output is computed once and each consumer reads it.
-  `flag` must be true at run time but unknown to the compiler (a constant
-  would be folded away); both branches return x, so its value never matters.
-  It should be replicated (from a parameter): one derived from sharded
-  activations would cost a collective per call. The gradient passes straight
-  through (a conditional there too would only add copies).
-  """
-  return jax.lax.cond(flag, lambda v: v, lambda v: v * 1, x)
-
-
-def _store_fwd(x: jax.Array, flag: jax.Array) -> tuple[jax.Array, None]:
-  return store(x, flag), None
-
-
-def _store_bwd(_, g: jax.Array) -> tuple[jax.Array, None]:
-  return g, None
-
-
-store.defvjp(_store_fwd, _store_bwd)
-
-
-def _maybe_store(x: jax.Array, flag: jax.Array | None) -> jax.Array:
-  return x if flag is None else store(x, flag)
-
-
-# XLA:CPU's fast (YNNPACK) convolution kernels take a convolution only when it
-# has more than 16 input or output features; narrower ones run on its Eigen path.
-YNN_MIN_FEATURES = 17
-# What 16 input features are padded to. Measured for a 3x3 conv at 32x32 on
-# AVX-512: 17 or 18 features are slower than the Eigen path, 20 is fastest, 24 slower.
-NARROW_CONV_PADDED_FEATURES = 20
-
-
-def narrow_conv_padded(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                       padding: Any, *args: Any, **kwargs: Any) -> jax.Array:
-  """`lax.conv_general_dilated` that pads 16 channels-last input features to 20.
-
-  Why: XLA:CPU runs a conv with 16 input and at most 16 output features (CIFAR
-  stage 1) at half the speed of its YNNPACK kernels, which decline it. Zero
-  features add exact zeros to every sum, so padding the input to 20 features
-  gives the same convolution (up to float32 summation order) from YNNPACK, and
-  its input gradient (16 -> 20 features, the extra 4 dropped) too. The tangent
-  rule keeps the kernel's term unpadded, so the kernel gradient (its transpose)
-  stays in the unpadded form, which is already on YNNPACK. Any other conv,
-  channels-first ones and bfloat16 ones (YNNPACK convs are float32 only) pass
-  through unchanged.
-  """
-  def conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, window_strides, padding, *args, **kwargs)
-
-  dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                         kwargs.get('dimension_numbers'))
-  channels_last = (dims.lhs_spec[1] == lhs.ndim - 1 and dims.rhs_spec[:2] == (rhs.ndim - 1,
-                                                                              rhs.ndim - 2))
-  features, out_features = rhs.shape[-2:]
-  if (not channels_last or features != YNN_MIN_FEATURES - 1
-      or out_features >= YNN_MIN_FEATURES or kwargs.get('feature_group_count', 1) != 1
-      or kwargs.get('batch_group_count', 1) != 1 or lhs.dtype != jnp.float32):
-    return conv(lhs, rhs)
-  extra = NARROW_CONV_PADDED_FEATURES - features
-
-  def padded(x: jax.Array, w: jax.Array) -> jax.Array:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
-    w = jnp.pad(w, [(0, 0)] * (w.ndim - 2) + [(0, extra), (0, 0)])
-    return conv(x, w)
-
-  @jax.custom_jvp
-  def padded_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    return padded(x, w)
-
-  @padded_conv.defjvp
-  def _(primals: tuple[jax.Array, jax.Array],
-        tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    (x, w), (dx, dw) = primals, tangents
-    # Bilinear: the input's term padded, the kernel's unpadded (see above).
-    return padded(x, w), padded(dx, w) + conv(x, dw)
-
-  return padded_conv(lhs, rhs)
-
-
-def cpu_cores() -> int:
-  """CPU cores this process may use (what taskset allows, where the OS says)."""
-  if hasattr(os, 'sched_getaffinity'):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
-
-
-def cpu_cores_per_device() -> float:
-  """CPU cores this process may use per local XLA device."""
-  return cpu_cores() / jax.local_device_count()
-
-
-def pad_narrow_convs_by_default() -> bool:
-  """Whether `narrow_conv_padded` pays here: on CPUs with at most one core per device.
-
-  Measured on ResNet-20 (2-core AVX-512 machine, benchmarks/compare_options.py):
-  one device pinned to one core 537 -> 511 ms of ops per step, 2 devices
-  422 -> 444 img/s, 4 devices 389 -> 417; but one device on both cores
-  306 -> 287, as XLA spreads an Eigen-path conv over both cores and a YNNPACK
-  one less well. CPU quotas (cgroups) are not seen here, nor by XLA.
-  """
-  return jax.default_backend() == 'cpu' and cpu_cores_per_device() <= 1
-
-
 def subsample_and_pad(x: jax.Array, out_channels: int, strides: int) -> jax.Array:
   """Option A shortcut: take every `strides`-th pixel and zero-pad new channels."""
   x = x[:, ::strides, ::strides, :]
@@ -261,16 +150,15 @@ class BasicBlock(nn.Module):
   zero_init_last_bn: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, store_flag: jax.Array | None = None) -> jax.Array:
-    """`store_flag` (see `store`) writes the activations that feed convs to memory."""
+  def __call__(self, x: jax.Array) -> jax.Array:
     y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name='conv1')(x)
-    y = _maybe_store(nn.relu(self.norm(name='bn1')(y)), store_flag)
+    y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.filters, (3, 3), 1, padding=((1, 1), (1, 1)), name='conv2')(y)
     y = self.norm(name='bn2', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.shortcut is not None:
       y = y + Shortcut(self.filters, self.strides, self.shortcut, self.conv, self.norm,
                        name='shortcut')(x)
-    return _maybe_store(nn.relu(y), store_flag)
+    return nn.relu(y)
 
 
 class BottleneckBlock(nn.Module):
@@ -288,36 +176,34 @@ class BottleneckBlock(nn.Module):
   bottleneck_stride: str = '1x1'
 
   @nn.compact
-  def __call__(self, x: jax.Array, store_flag: jax.Array | None = None) -> jax.Array:
-    """`store_flag` (see `store`) writes the activations that feed convs to memory."""
+  def __call__(self, x: jax.Array) -> jax.Array:
     stride_1x1, stride_3x3 = ((self.strides, 1) if self.bottleneck_stride == '1x1'
                               else (1, self.strides))
     y = self.conv(self.filters, (1, 1), stride_1x1, padding='VALID', name='conv1')(x)
-    y = _maybe_store(nn.relu(self.norm(name='bn1')(y)), store_flag)
+    y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.filters, (3, 3), stride_3x3, padding=((1, 1), (1, 1)), name='conv2')(y)
-    y = _maybe_store(nn.relu(self.norm(name='bn2')(y)), store_flag)
+    y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(self.filters * 4, (1, 1), 1, padding='VALID', name='conv3')(y)
     y = self.norm(name='bn3', scale_init=_last_bn_init(self.zero_init_last_bn))(y)
     if self.shortcut is not None:
       y = y + Shortcut(self.filters * 4, self.strides, self.shortcut, self.conv, self.norm,
                        name='shortcut')(x)
-    return _maybe_store(nn.relu(y), store_flag)
+    return nn.relu(y)
 
 
 def batch_norm(net: nn.Module, train: bool) -> ModuleDef:
-  """The BatchNorm of a network, configured from its bn_* fields and dtype.
-
-  `bn_fast_variance=None` means one pass on accelerators, where BN is memory
-  bound (ResNet-50 bf16 on an H200: 6,555 -> 7,017 img/s), and two passes on
-  CPUs, where it made no difference.
-  """
-  fast_variance = net.bn_fast_variance
-  if fast_variance is None:
-    fast_variance = jax.default_backend() != 'cpu'
+  """The BatchNorm of a network, configured from its bn_* fields and dtype."""
   return functools.partial(BatchNorm, use_running_average=not train, momentum=net.bn_momentum,
                            epsilon=net.bn_epsilon, group_size=net.bn_group_size,
                            axis_name=net.bn_axis_name, dtype=net.dtype,
-                           fast_variance=fast_variance)
+                           fast_variance=net.bn_fast_variance)
+
+
+def conv_layer(net: nn.Module) -> ModuleDef:
+  """The paper's conv layer: no bias (BN follows), He fan-out init, float32 parameters."""
+  return functools.partial(nn.Conv, use_bias=False, dtype=net.dtype, param_dtype=jnp.float32,
+                           kernel_init=conv_kernel_init,
+                           conv_general_dilated=net.conv_general_dilated)
 
 
 def _last_bn_init(zero: bool) -> Callable:
@@ -346,48 +232,16 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  bn_fast_variance: bool | None = None  # None: one pass off CPUs (see `batch_norm`)
-  # Store the activations that feed convs (see `store`); None: on the CPU backend only.
-  materialize_blocks: bool | None = None
-  # Pad 16-feature conv inputs to 20 (see `narrow_conv_padded`); None: on CPUs with
-  # at most one core per XLA device (see `pad_narrow_convs_by_default`).
-  pad_narrow_convs: bool | None = None
-  # Run convolutions on oneDNN's kernels (see resnet_jax/onednn_conv.py); None: on
-  # the CPU backend where its check passes (`onednn_conv.problem`). When on,
-  # pad_narrow_convs has no effect (oneDNN has no 16-feature slow path).
-  onednn_convs: bool | None = None
-  # With onednn_convs: kernel gradients on oneDNN too (resnet_jax's C++ extension,
-  # resnet_jax/onednn_ext.py); None: where it builds and its check passes
-  # (`onednn_conv.kernel_gradient_problem`).
-  onednn_kernel_grads: bool | None = None
+  # BN variance in one pass, E[x^2] - E[x]^2 (one read of the activations and one
+  # collective fewer; trainers turn it on where BN is memory bound), or two (exact).
+  bn_fast_variance: bool = False
+  # The convolution of every conv layer (see `conv_layer`): lax's, or the same
+  # function on other kernels.
+  conv_general_dilated: Callable[..., jax.Array] = jax.lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    on_cpu = jax.default_backend() == 'cpu'
-    materialize = on_cpu if self.materialize_blocks is None else self.materialize_blocks
-    onednn = self.onednn_convs
-    if onednn is None:
-      onednn = on_cpu and onednn_conv.available()
-    elif onednn and on_cpu and not onednn_conv.available():
-      raise RuntimeError(f'model.onednn_convs=True, but this jaxlib cannot run oneDNN '
-                         f'convolutions ({onednn_conv.problem()}); set it to False or leave '
-                         f'it unset (then used only where it works).')
-    if onednn:
-      kernel_grads = self.onednn_kernel_grads
-      if kernel_grads is None:
-        kernel_grads = on_cpu and onednn_conv.kernel_gradient_problem() is None
-      elif kernel_grads and on_cpu and onednn_conv.kernel_gradient_problem():
-        raise RuntimeError(f'model.onednn_kernel_grads=True, but they cannot run here '
-                           f'({onednn_conv.kernel_gradient_problem()}); set it to False or '
-                           f'leave it unset (then used only where they work).')
-      conv_fn = functools.partial(onednn_conv.conv_general_dilated, kernel_grads=kernel_grads)
-    else:
-      pad_narrow = (pad_narrow_convs_by_default() if self.pad_narrow_convs is None
-                    else self.pad_narrow_convs)
-      conv_fn = narrow_conv_padded if pad_narrow else None
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=conv_kernel_init,
-                             conv_general_dilated=conv_fn)
+    conv = conv_layer(self)
     norm = batch_norm(self, train)
     x = x.astype(self.dtype)
     stem_bn = norm(name='stem_bn')
@@ -398,9 +252,6 @@ class ResNet(nn.Module):
     else:
       x = conv(self.widths[0], (3, 3), 1, padding=((1, 1), (1, 1)), name='stem_conv')(x)
       x = nn.relu(stem_bn(x))
-    # True at run time, from a replicated parameter (see `store`).
-    flag = jnp.isfinite(stem_bn.variables['params']['scale'][0]) if materialize else None
-    x = _maybe_store(x, flag)
     block_cls = self.block_cls
     if block_cls is BottleneckBlock:
       block_cls = functools.partial(block_cls, bottleneck_stride=self.bottleneck_stride)
@@ -412,7 +263,7 @@ class ResNet(nn.Module):
             shortcut=self.shortcut if self.residual else None,
             conv=conv, norm=norm,
             zero_init_last_bn=self.zero_init_last_bn,
-            name=f'stage{i + 1}_block{j + 1}')(x, flag)
+            name=f'stage{i + 1}_block{j + 1}')(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
@@ -434,17 +285,17 @@ class VGG(nn.Module):
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  bn_fast_variance: bool | None = None  # None: one pass off CPUs (see `batch_norm`)
+  bn_fast_variance: bool = False  # see ResNet
+  conv_general_dilated: Callable[..., jax.Array] = jax.lax.conv_general_dilated  # see ResNet
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     x = x.astype(self.dtype)
     norm = batch_norm(self, train)
+    conv = functools.partial(conv_layer(self), use_bias=True)  # VGG's convs keep their biases
     for i, (num_convs, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(num_convs):
-        x = nn.Conv(width, (3, 3), 1, padding=((1, 1), (1, 1)), dtype=self.dtype,
-                      param_dtype=jnp.float32, kernel_init=conv_kernel_init,
-                      name=f'stage{i + 1}_conv{j + 1}')(x)
+        x = conv(width, (3, 3), 1, padding=((1, 1), (1, 1)), name=f'stage{i + 1}_conv{j + 1}')(x)
         if self.batch_norm:
           x = norm(name=f'stage{i + 1}_bn{j + 1}')(x)
         x = nn.relu(x)
@@ -503,6 +354,7 @@ _COMMON_OPTIONS = {
     'bn_momentum': None,
     'bn_epsilon': None,
     'bn_fast_variance': None,
+    'conv_general_dilated': None,
 }
 
 
@@ -511,8 +363,7 @@ def model_options(name: str) -> dict[str, tuple | None]:
   _check_name(name)
   if name == 'vgg19':
     return {**_COMMON_OPTIONS, 'batch_norm': None}
-  options = {**_COMMON_OPTIONS, 'zero_init_last_bn': None, 'materialize_blocks': None,
-             'pad_narrow_convs': None, 'onednn_convs': None, 'onednn_kernel_grads': None}
+  options = {**_COMMON_OPTIONS, 'zero_init_last_bn': None}
   if name.startswith('resnet'):
     options['shortcut'] = SHORTCUTS
   if _REGISTRY[name].keywords.get('block_cls') is BottleneckBlock:
@@ -557,7 +408,8 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_model_from_config(model_config: Any, num_classes: int, **extra: Any) -> nn.Module:
-  """`create_model` from a config section: {'name': ..., option: value or None, ...}."""
+  """`create_model` from a config section ({'name': ..., option: value or None, ...}) and
+  `extra` options, which take precedence (e.g. what a trainer chose for the backend)."""
   options = dict(model_config)
   name = options.pop('name')
-  return create_model(name, num_classes, **options, **extra)
+  return create_model(name, num_classes, **{**options, **extra})

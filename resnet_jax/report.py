@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from resnet_jax import checkpointing
-from resnet_jax import cli
+from resnet_jax import config_lib
 from resnet_jax import errors
 from resnet_jax import input_pipeline
 from resnet_jax import paths
@@ -161,8 +161,9 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
   rows, responses = [], {}
   for name in names:
     member_dir = sweep_dir / name
-    config = cli.load_saved_config(member_dir, default, overrides)
-    inp, strategy, steps_total = train.setup(config)
+    config = config_lib.load_saved_config(member_dir, default, overrides)
+    run = train.setup(config)
+    inp, strategy, steps_total = run.inp, run.strategy, run.steps_total
     results = sweep.final_results(member_dir)
     rows.append({'member': name, 'model': config.model.name,
                  'status': 'finished' if results['steps'] >= steps_total else 'unfinished',

@@ -28,7 +28,7 @@ from etils import epath
 
 from resnet_jax import errors
 from resnet_jax import paths
-from resnet_jax import cli
+from resnet_jax import config_lib
 
 
 def load_sweep(config_path: str) -> dict[str, dict[str, Any]]:
@@ -61,7 +61,7 @@ def member_config(base: ml_collections.ConfigDict, overrides: dict[str, Any]
   config.unlock()
   for key, value in overrides.items():
     try:
-      cli.set_field(config, key, value)
+      config_lib.set_field(config, key, value)
     except ValueError as e:
       raise errors.ConfigError(f'Sweep override {e}') from None
   return config.lock()

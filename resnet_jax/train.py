@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -28,6 +29,7 @@ from clu import metrics as clu_metrics
 from clu import periodic_actions
 from etils import epath
 
+from resnet_jax import backend
 from resnet_jax import checkpointing
 from resnet_jax import errors
 from resnet_jax import input_pipeline
@@ -72,7 +74,9 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
       path.write_text(''.join(keep))
     elif path.exists():
       path.unlink()
-    self._file = path.open('a')  # pylint: disable=consider-using-with
+    # epath opens gs:// files as a context manager: keep it open for the run.
+    self._files = contextlib.ExitStack()
+    self._file = self._files.enter_context(path.open('a'))
 
   def write_scalars(self, step, scalars):
     self._file.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
@@ -104,7 +108,7 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
     self._file.flush()
 
   def close(self):
-    self._file.close()
+    self._files.close()
 
 
 class Preempted(Exception):
@@ -177,16 +181,34 @@ class TrainClock:
     return batch_size * (step - last_step) / max(seconds - last_seconds, 1e-9)
 
 
-def save_config(config: Any, workdir: epath.Path) -> None:
+def save_config(config: Any, workdir: epath.Path, cpu_kernels_used: str) -> None:
+  """WORKDIR/config.json: the config, and what config.cpu_kernels resolved to here."""
   if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    saved = json.loads(config.to_json_best_effort())
+    saved['cpu_kernels_used'] = cpu_kernels_used
+    paths.write_json(workdir / 'config.json', saved)
 
 
-def setup(config: Any):
-  """Data, model, optimizer, schedule and parallel strategy for a config."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run trains and evaluates with: data, the parallel strategy, the step count."""
+  inp: input_pipeline.Input
+  strategy: parallel.Parallel
+  steps_total: int
+  cpu_kernels_used: str
+
+
+def setup(config: Any) -> Setup:
+  """Data, model, optimizer, schedule and parallel strategy for a config.
+
+  The backend-dependent choices (backend.py) are made here, once, before
+  anything is traced.
+  """
   model_options = dict(config.model)
   models.check_options(model_options.pop('name'), model_options)  # fail before touching data
   parallel.check_batch_sizes(config, jax.device_count())
+  cpu_kernels = backend.choose_cpu_kernels(config.cpu_kernels)
+  run_options = {**backend.model_defaults(config.model), **cpu_kernels.model_options}
   # One data shard per device (see input_pipeline.Input); this host reads its devices' shards.
   devices = jax.devices()
   shards = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
@@ -204,9 +226,9 @@ def setup(config: Any):
   strategy = parallel.create(
       config,
       lambda axis: models.create_model_from_config(config.model, inp.num_classes,
-                                                   bn_axis_name=axis),
+                                                   bn_axis_name=axis, **run_options),
       tx, schedule, input_shape)
-  return inp, strategy, steps_total
+  return Setup(inp, strategy, steps_total, cpu_kernels.description)
 
 
 def evaluate(strategy: parallel.Parallel, state: Any, dataset: tf.data.Dataset,
@@ -265,10 +287,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = paths.workdir_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  inp, strategy, steps_total = setup(config)
+  run = setup(config)
+  inp, strategy, steps_total = run.inp, run.strategy, run.steps_total
   ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
   state, step, loop = restore_or_init(strategy, ckpt, config.seed)
-  save_config(config, workdir)
+  save_config(config, workdir, run.cpu_kernels_used)
   writer = create_writer(workdir, step if step else None)
   if step == 0:
     writer.write_hparams(_flatten(config))

@@ -1,14 +1,26 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported) and shared helpers."""
+"""Test set-up: 8 fake CPU devices (before jax is imported) and shared helpers.
+
+The core runs as on any backend, with the CPU plugin off (config.cpu_kernels
+'auto' resolves to off through $RESNET_JAX_CPU_KERNELS); the plugin's own tests,
+and the quickstart test that runs as a user does, turn it on.
+"""
 import os
 import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('RESNET_JAX_CPU_KERNELS', 'off')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # for `configs`
 
 import pytest  # noqa: E402
+
+from tests import gcs_emulator  # noqa: E402  (before TensorFlow is imported: see its docstring)
+
+# Small training runs through run.py that the checkpoint tests share.
+TRAIN = ['--config.batch_size=16', '--config.eval_batch_size=64', '--config.log_every_steps=4',
+         '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6']
 
 
 @pytest.fixture(scope='session')
@@ -19,3 +31,24 @@ def digits_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   input_pipeline.get_builder(helpers.small_config(**{'data.data_dir': data_dir}).data)
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def straight(tmp_path_factory, digits_dir):
+  """24 steps without interruption: what every interrupted run must reproduce exactly."""
+  from tests import helpers
+  workdir = tmp_path_factory.mktemp('straight')
+  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
+                 '--config.num_train_steps=24', *TRAIN)
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def gcs():
+  """A GCS emulator on 127.0.0.1 with the bucket gs://bucket (tests/gcs_emulator.py)."""
+  reason = gcs_emulator.available()
+  if reason:
+    pytest.skip(f'no GCS emulator here: {reason}')
+  emulator = gcs_emulator.GcsEmulator(buckets=('bucket',))
+  yield emulator
+  emulator.stop()

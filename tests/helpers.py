@@ -4,8 +4,10 @@ import os
 import subprocess
 import sys
 
+from etils import epath
+
 from configs import default
-from resnet_jax import cli
+from resnet_jax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +24,7 @@ def small_config(**overrides):
   config.schedule.name = 'constant'
   config.data.prefetch = 1
   for key, value in overrides.items():
-    cli.set_field(config, key, value)
+    config_lib.set_field(config, key, value)
   return config
 
 
@@ -39,5 +41,5 @@ def run_py(*args, env=None, prelude='', check=True, timeout=600):
 
 
 def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """A JSON-lines file, local or gs://."""
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGTERM, retention, eval on other device counts, bad files."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,8 +15,7 @@ import pytest
 
 from tests import helpers
 
-TRAIN = ['--config.batch_size=16', '--config.eval_batch_size=64', '--config.log_every_steps=4',
-         '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6']
+from tests.conftest import TRAIN
 RESULT_KEYS = ('train_', 'eval_', 'learning_rate')
 
 
@@ -60,15 +60,6 @@ def _slow_create(*args, **kwargs):
 
 parallel.create = _slow_create
 """
-
-
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory, digits_dir):
-  """24 steps without interruption: what every interrupted run must reproduce exactly."""
-  workdir = tmp_path_factory.mktemp('straight')
-  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
-                 '--config.num_train_steps=24', *TRAIN)
-  return workdir
 
 
 def _start(workdir, args, prelude='', env=None):
@@ -230,7 +221,7 @@ def _checkpoints_and_target(workdir, digits_dir):
   from resnet_jax import checkpointing, train
   config = helpers.small_config(**{'data.data_dir': digits_dir, 'batch_size': 16,
                                    'eval_batch_size': 64})
-  _, strategy, _ = train.setup(config)
+  strategy = train.setup(config).strategy
   return checkpointing.Checkpoints(workdir), strategy.abstract_state(jax.random.key(0))
 
 
@@ -295,3 +286,57 @@ def test_corrupt_checkpoint_content_is_moved_aside_with_the_reason(trained, tmp_
   assert moved.startswith('12-')
   why = (workdir / 'damaged_checkpoints' / moved / 'WHY_DAMAGED.txt').read_text()
   assert 'checkpoints/12 cannot be read' in why and 'state/d/' in why, why
+
+
+# Written on 2026-12-01 by the code of commit 35945a9, before the CPU kernels left the
+# model: resnet20, 2 steps of batch 16 on the digits (1 XLA device), its config.json
+# (which names model options that no longer exist) and metrics.jsonl.
+OLD_WORKDIR = os.path.join(helpers.REPO, 'tests', 'data', 'workdir_2026_12_01')
+
+
+def test_a_workdir_written_before_the_pure_model_evaluates_and_resumes(tmp_path, digits_dir):
+  workdir = tmp_path / 'w'
+  shutil.copytree(OLD_WORKDIR, workdir)
+  data = f'--config.data.data_dir={digits_dir}'
+  out = helpers.run_py('--mode=eval', f'--workdir={workdir}', data, env={'XLA_FLAGS': ''})
+  result = json.loads(out.stdout[out.stdout.index('{'):])
+  (then,) = [line for line in results(workdir) if 'eval_loss' in line]
+  assert result['step'] == 2 and result['num_examples'] == 360
+  assert result['top1_error'] == pytest.approx(then['eval_top1_error'], abs=1.5 / 360)
+  assert result['loss'] == pytest.approx(then['eval_loss'], rel=1e-4)
+  # Training continues from it with the same parameter names and state layout.
+  helpers.run_py(f'--workdir={workdir}', data, '--config.num_train_steps=4',
+                 '--config.batch_size=16', '--config.eval_batch_size=120',
+                 '--config.log_every_steps=1', '--config.eval_every_steps=2',
+                 '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=1',
+                 env={'XLA_FLAGS': ''})
+  assert saved_state(workdir)[0] == 4
+  assert [line['step'] for line in results(workdir) if 'train_loss' in line] == [1, 2, 3, 4]
+
+
+def test_export_gives_the_eval_models_logits_for_any_batch_size(trained, tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from resnet_jax import backend, checkpointing, config_lib, export, input_pipeline, models, train  # pylint: disable=import-outside-toplevel
+  workdir = _copy(trained, tmp_path)
+  out = helpers.run_py('--mode=export', f'--workdir={workdir}')
+  info = json.loads(out.stdout[out.stdout.index('{'):])
+  assert info['step'] == 12 and info['file'].endswith('export/resnet20_step12.jax_exported')
+  exported = export.load(info['file'])
+  assert exported.platforms == ('cpu', 'cuda', 'tpu')
+  calls = set(re.findall(r'custom_call @(\w+)', exported.mlir_module()))
+  assert calls <= {'shape_assertion'}, calls  # plain lax: no CPU plugin inside
+
+  # --mode=eval's model: the saved config, the restored state, eval images.
+  config = config_lib.load_saved_config(workdir, default.get_config(), {})
+  run = train.setup(config)
+  ckpt = checkpointing.Checkpoints(workdir)
+  state, _ = ckpt.restore(12, run.strategy.abstract_state(jax.random.key(0)))
+  ckpt.close()
+  model = models.create_model_from_config(config.model, run.inp.num_classes,
+                                          **backend.model_defaults(config.model))
+  images = next(iter(tfds.as_numpy(input_pipeline.eval_dataset(config, run.inp))))['image']
+  for batch in (images[:1], images[:7]):
+    want = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch,
+                       train=False)
+    np.testing.assert_allclose(exported.call(batch), want, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,5 @@
 """The paper's networks: exact parameter counts, multiply-adds, shortcuts, BN."""
 import os
-import re
 import subprocess
 import sys
 
@@ -267,14 +266,21 @@ def test_fast_variance_batch_norm_matches_two_passes_with_one_collective(group_s
   assert jaxprs[True] != jaxprs[False]  # the option reaches the computation
 
 
-def test_fast_variance_is_the_default_off_cpus_only(monkeypatch):
-  def fast(**options):
-    net = models.create_model('resnet20', 10, **options)
-    return models.batch_norm(net, train=True).keywords['fast_variance']
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert (fast(), fast(bn_fast_variance=True)) == (False, True)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert (fast(), fast(bn_fast_variance=False)) == (True, False)
+def test_fast_variance_is_the_trainers_default_off_cpus_only():
+  """The model's own default is the exact two-pass variance; the trainer picks one pass on
+  accelerators (backend.model_defaults), unless the config says otherwise."""
+  from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
+  from resnet_jax import backend  # pylint: disable=import-outside-toplevel
+  fast = lambda net: models.batch_norm(net, train=True).keywords['fast_variance']
+  assert fast(models.create_model('resnet20', 10)) is False
+  unset, two_pass = ConfigDict({'bn_fast_variance': None}), ConfigDict({'bn_fast_variance': False})
+  assert backend.model_defaults(unset, 'cpu') == {'bn_fast_variance': False}
+  assert backend.model_defaults(unset, 'gpu') == {'bn_fast_variance': True}
+  assert backend.model_defaults(unset, 'tpu') == {'bn_fast_variance': True}
+  assert backend.model_defaults(two_pass, 'gpu') == {}
+  net = models.create_model_from_config(ConfigDict({'name': 'resnet20', 'bn_fast_variance': None}),
+                                        10, **backend.model_defaults(unset, 'gpu'))
+  assert fast(net) is True
 
 
 def test_ghost_batch_norm_in_a_network():
@@ -318,149 +324,47 @@ def test_models_import_without_tensorflow_tfds_or_clu():
   assert out.stdout.strip() == '269722'
 
 
-def test_store_is_an_exact_identity_with_identity_gradient():
-  for channels, flag in ((16, True), (64, False)):
-    x = jax.random.normal(jax.random.key(channels), (2, 3, 3, channels))
-    flag = jnp.asarray(flag)
-    np.testing.assert_array_equal(models.store(x, flag), x)
-    np.testing.assert_array_equal(jax.jit(models.store)(x, flag), x)
-    g = jax.random.normal(jax.random.key(1), x.shape)
-    np.testing.assert_array_equal(jax.vjp(models.store, x, flag)[1](g)[0], g)
+def test_a_model_lowers_to_plain_xla_and_depends_only_on_its_fields(monkeypatch):
+  """No custom calls and no conditionals, whatever the backend or the host's cores say."""
+  x = jnp.zeros((2, 16, 16, 3))
+  texts = []
+  for backend, cores in (('cpu', {0}), ('gpu', {0, 1, 2, 3})):
+    monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, cores=cores: cores, raising=False)
+    model = models.create_model('resnet20', 10)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params, model=model, variables=variables):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      return jnp.sum(logits ** 2)
+    texts.append(jax.jit(jax.grad(loss)).lower(variables['params']).as_text())
+  assert texts[0] == texts[1]
+  assert 'custom_call' not in texts[0] and 'stablehlo.case' not in texts[0]
+  assert 'stablehlo.if' not in texts[0] and 'stablehlo.convolution' in texts[0]
 
 
-def _resnet20_loss_and_grad(store, x, **options):
-  """Jitted (loss, logits), grads of ResNet-20 in training mode, and its parameters."""
-  labels = jnp.arange(x.shape[0]) % 10
-  model = models.create_model('resnet20', 10, materialize_blocks=store, **options)
-  variables = model.init(jax.random.key(1), x, train=False)
-
-  def loss(params):
-    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                            mutable=['batch_stats'])
-    return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), labels]), logits
-  return jax.jit(jax.value_and_grad(loss, has_aux=True)), variables['params']
+def test_models_import_no_cpu_plugin():
+  code = ('import sys\n'
+          'from resnet_jax import models, summary\n'
+          'models.create_model("resnet20", 10)\n'
+          'print(sorted(m for m in sys.modules if m.startswith("resnet_jax")))\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert eval(out.stdout) == ['resnet_jax', 'resnet_jax.errors', 'resnet_jax.models',  # pylint: disable=eval-used
+                              'resnet_jax.summary']
 
 
-def test_stored_activations_stay_conditionals_in_the_compiled_cpu_step():
-  """The speed-up needs XLA to keep the conditionals (a fusion barrier) on CPU."""
-  counts = []
-  for store in (False, True):
-    fn, params = _resnet20_loss_and_grad(store, jnp.zeros((2, 16, 16, 3)))
-    counts.append(fn.lower(params).compile().as_text().count(' conditional('))
-  # The stem output, then per block the first ReLU output and the block output.
-  assert counts == [0, 1 + 2 * 9]
+def test_the_injected_convolution_computes_every_conv_layer():
+  calls = []
 
+  def counting_conv(*args, **kwargs):
+    calls.append(args[1].shape)
+    return jax.lax.conv_general_dilated(*args, **kwargs)
 
-def test_materialized_blocks_compute_the_same_function():
-  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-  results = []
-  for store in (False, True):
-    fn, params = _resnet20_loss_and_grad(store, x)
-    results.append(fn(params))
-  ((_, logits_a), grads_a), ((_, logits_b), grads_b) = results
-  np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_a,
-               grads_b)
-
-
-CONV_DIMS = ('NHWC', 'HWIO', 'NHWC')
-NARROW_PADDED = models.NARROW_CONV_PADDED_FEATURES
-
-
-def _conv_output_shapes(jaxpr):
-  return re.findall(r'(\w+\[[\d,]*\]) = conv_general_dilated', str(jaxpr))
-
-
-@pytest.mark.parametrize('kernel_shape,padded,kwargs', [
-    ((3, 3, 16, 16), True, {}),     # CIFAR stage 1
-    ((3, 3, 16, 16), True, {'window_strides': (2, 2)}),
-    ((3, 3, 16, 16), True, {'padding': 'SAME', 'rhs_dilation': (2, 2)}),
-    ((1, 1, 16, 8), True, {'padding': 'VALID'}),
-    ((3, 3, 16, 32), False, {'window_strides': (2, 2)}),  # YNNPACK takes it already
-    ((3, 3, 3, 16), False, {}),     # the stem: padding 3 features to 20 would cost more
-    ((3, 3, 8, 16), False, {'feature_group_count': 2}),
-    ((3, 3, 16, 16), False, {'dtype': jnp.bfloat16}),
-])
-def test_narrow_conv_padded_is_the_same_convolution(kernel_shape, padded, kwargs):
-  kwargs = {'window_strides': (1, 1), 'padding': ((1, 1), (1, 1)), **kwargs}
-  dtype = kwargs.pop('dtype', jnp.float32)
-  strides, padding = kwargs.pop('window_strides'), kwargs.pop('padding')
-  groups = kwargs.get('feature_group_count', 1)
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, kernel_shape[2] * groups), dtype)
-  w = jax.random.normal(jax.random.key(1), kernel_shape, dtype)
-
-  def loss(conv):
-    def fn(x, w):
-      y = conv(x, w, strides, padding, dimension_numbers=CONV_DIMS, **kwargs)
-      return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
-    return jax.value_and_grad(fn, (0, 1), has_aux=True)
-
-  (_, y_ref), grads_ref = jax.jit(loss(jax.lax.conv_general_dilated))(x, w)
-  (_, y), grads = jax.jit(loss(models.narrow_conv_padded))(x, w)
-  # Float32 rounding only: the sums run in another order (and the gradients
-  # take cos(y) of that y).
-  for a, ref in ((y, y_ref), *zip(grads, grads_ref)):
-    assert a.shape == ref.shape and a.dtype == ref.dtype
-    a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
-    np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
-  shapes = _conv_output_shapes(jax.make_jaxpr(loss(models.narrow_conv_padded))(x, w))
-  if padded:  # forward and input gradient padded to 20 features, kernel gradient not
-    dx_shape = f'f32[4,8,8,{NARROW_PADDED}]'
-    assert dx_shape in shapes and 'f32[%d,%d,%d,%d]' % kernel_shape in shapes, shapes
-    assert not any(f',{NARROW_PADDED},' in s for s in shapes if s != dx_shape), shapes
-  else:
-    assert not any(str(NARROW_PADDED) in s for s in shapes), shapes
-  # Forward mode too (jvp, jacfwd, hessian).
-  jax.jvp(lambda x: models.narrow_conv_padded(x, w, strides, padding,
-                                              dimension_numbers=CONV_DIMS, **kwargs),
-          (x,), (x,))
-
-
-def test_narrow_conv_padded_leaves_channels_first_convs_alone():
-  x, w = jnp.ones((1, 4, 5, 5)), jnp.ones((16, 16, 3, 3))  # NCHW, OIHW: 16 x 16 in the kernel
-  w_odd = jnp.ones((4, 4, 16, 16))  # OIHW with spatial dims of 16: not features
-  for lhs, rhs in ((jnp.ones((1, 16, 5, 5)), w), (x, w_odd)):
-    np.testing.assert_array_equal(models.narrow_conv_padded(lhs, rhs, (1, 1), 'SAME'),
-                                  jax.lax.conv_general_dilated(lhs, rhs, (1, 1), 'SAME'))
-
-
-def _entry_convolutions(compiled_text):
-  """Convolutions XLA:CPU runs on its Eigen path: those not inside a (YNNPACK) fusion."""
-  entry = compiled_text[compiled_text.index('\nENTRY'):]
-  return entry.count(' convolution(')
-
-
-@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU kernel choice')
-def test_padded_narrow_convs_move_stage_one_to_the_fast_kernels_with_the_same_function():
-  """Also a canary: it fails if XLA:CPU changes which convs its YNNPACK kernels take."""
-  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-  results, eigen_convs = [], []
-  for pad in (False, True):
-    fn, params = _resnet20_loss_and_grad(True, x, pad_narrow_convs=pad, onednn_convs=False)
-    eigen_convs.append(_entry_convolutions(fn.lower(params).compile().as_text()))
-    results.append(fn(params))
-  # Stage 1's six convs, forward and input gradient, leave the Eigen path.
-  assert eigen_convs[0] - eigen_convs[1] == 12
-  ((_, logits_a), grads_a), ((_, logits_b), grads_b) = results
-  np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5 * np.abs(logits_a).max())
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-5 * np.abs(a).max()),
-               grads_a, grads_b)
-
-
-@pytest.mark.parametrize('backend,cores_per_device,padded', [
-    ('cpu', 1, True), ('cpu', 0.25, True), ('cpu', 2, False), ('gpu', 1, False)])
-def test_padded_narrow_convs_default_to_cpus_with_a_core_per_device(
-    monkeypatch, backend, cores_per_device, padded):
-  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-  monkeypatch.setattr(models, 'cpu_cores_per_device', lambda: cores_per_device)
-  model = models.create_model('resnet20', 10, onednn_convs=False)
-  x = jnp.zeros((1, 8, 8, 3))
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
-  assert ('f32[1,8,8,20]' in jaxpr) == padded
-
-
-def test_cpu_cores_per_device_counts_this_process_cores(monkeypatch):
-  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3}, raising=False)
-  assert models.cpu_cores_per_device() == 4 / jax.local_device_count()
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  plain = models.create_model('resnet20', 10)
+  hooked = models.create_model('resnet20', 10, conv_general_dilated=counting_conv)
+  variables = plain.init(jax.random.key(1), x, train=False)
+  np.testing.assert_array_equal(hooked.apply(variables, x, train=False),
+                                plain.apply(variables, x, train=False))
+  assert len(calls) == 19 and calls[0] == (3, 3, 3, 16)  # the stem and 18 block convs

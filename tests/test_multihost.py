@@ -33,14 +33,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_hosts(workdir, *args):
+def _start_hosts(workdir, *args, host_env=({}, {})):
   """run.py as 2 processes on 127.0.0.1 with 4 CPU devices each (logs in files: no pipe fills)."""
   port = _free_port()
   code = ('import runpy, sys\nsys.argv = ["run.py"] + sys.argv[1:]\n'
           f'runpy.run_path({os.path.join(helpers.REPO, "run.py")!r}, run_name="__main__")\n')
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
   hosts = []
   for i in range(2):
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', **host_env[i]}
     log = open(f'{workdir}.host{i}.{time.monotonic_ns()}.log', 'w+')  # pylint: disable=consider-using-with
     hosts.append((subprocess.Popen(
         [sys.executable, '-c', code, f'--workdir={workdir}', *args,
@@ -49,15 +49,15 @@ def _start_hosts(workdir, *args):
   return hosts
 
 
-def _finish(hosts):
-  """Each host's log, once both have exited 0."""
+def _finish(hosts, check=True):
+  """Each host's log, once both have exited (with 0, if `check`)."""
   logs = []
   for process, log in hosts:
     process.wait(timeout=600)
     log.seek(0)
     logs.append(log.read())
     log.close()
-    assert process.returncode == 0, logs[-1][-4000:]
+    assert process.returncode == 0 or not check, logs[-1][-4000:]
   return logs
 
 
@@ -65,9 +65,6 @@ def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_
   data = f'--config.data.data_dir={digits_dir}'
   multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'
   logs = _finish(_start_hosts(multi, data, *ARGS))
-  for log in logs:
-    assert 'oneDNN convolutions are not available' not in log  # each host's own check
-    assert 'oneDNN kernel gradients are not available' not in log  # each loads the extension
   # Each host read its own devices' data shards, and its own half of the eval split.
   assert 'Host 0 of 2 trains on sklearn_digits train (data shards [0, 1, 2, 3] of 8)' in logs[0]
   assert 'Host 1 of 2 trains on sklearn_digits train (data shards [4, 5, 6, 7] of 8)' in logs[1]

@@ -72,9 +72,14 @@ def test_imagenet_paper_config_on_mock_data(tmp_path):
 
 
 def test_quickstart_learns_the_digits(tmp_path, digits_dir):
-  """The README's main job, unchanged: below 5% test error (about 2 minutes on 2 cores)."""
+  """The README's main job, unchanged: below 5% test error (about 2 minutes on 2 cores).
+
+  As a user runs it: one XLA device, cpu_kernels=auto (the CPU plugin where it works).
+  """
   helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}',
-                 env={'XLA_FLAGS': ''})
+                 env={'XLA_FLAGS': '', 'RESNET_JAX_CPU_KERNELS': ''})
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['cpu_kernels_used']  # what auto resolved to on this machine
   final = [line for line in helpers.read_jsonl(tmp_path / 'metrics.jsonl')
            if 'eval_top1_error' in line][-1]
   assert final['eval_top1_error'] < 0.05, final
@@ -122,7 +127,7 @@ def test_imagenet_not_prepared_names_the_tars_and_the_command(tmp_path):
 @pytest.fixture(scope='module')
 def sample_imagenet(tmp_path_factory):
   """The real imagenet2012 builder, prepared through run.py from a manual_dir of real photos."""
-  from resnet_jax import sample_imagenet as sample  # pylint: disable=import-outside-toplevel
+  from resnet_jax.datasets import sample_imagenet as sample  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('imagenet')
   manual, data = root / 'manual', root / 'tfds'
   synsets = sample.write_manual_dir(str(manual), train_per_class=4, num_val=8)

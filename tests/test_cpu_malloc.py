@@ -1,4 +1,5 @@
-"""The start-up malloc setting (resnet_jax/malloc.py): how it is set, and that it works."""
+"""The CPU plugin's start-up malloc setting (resnet_jax/cpu/malloc.py): how and when it is set,
+and that it works."""
 import os
 import platform
 import subprocess
@@ -6,8 +7,10 @@ import sys
 
 import pytest
 
-from resnet_jax import malloc
+from resnet_jax.cpu import malloc
 from tests import helpers
+
+pytestmark = pytest.mark.cpu_kernels
 
 SHOW = "import os; print('{}', os.environ.get('GLIBC_TUNABLES'), flush=True)"
 
@@ -28,7 +31,7 @@ def _run(code, tunables):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
 def test_the_process_restarts_once_with_its_arguments_unless_the_tunable_is_set():
-  code = (SHOW.format('start') + '\nimport sys\nfrom resnet_jax import malloc\n'
+  code = (SHOW.format('start') + '\nimport sys\nfrom resnet_jax.cpu import malloc\n'
           'malloc.reexec_with_huge_pages()\n' + SHOW.format('end') + '\nprint(sys.argv[1:])')
   assert _run(code, '') == ['start ', 'start glibc.malloc.hugetlb=1',
                             'end glibc.malloc.hugetlb=1', "['an-argument']"]
@@ -36,11 +39,24 @@ def test_the_process_restarts_once_with_its_arguments_unless_the_tunable_is_set(
       'start glibc.malloc.hugetlb=0', 'end glibc.malloc.hugetlb=0', "['an-argument']"]
 
 
+# run.py's modes stop right after the restart decision.
+NO_RUN = SHOW.format('TUNABLES') + '\nfrom resnet_jax import cli\ncli.run = lambda *a, **k: None\n'
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
-def test_run_py_restarts_with_the_tunable():
-  out = helpers.run_py('--mode=describe', prelude=SHOW.format('TUNABLES'),
-                       env={'GLIBC_TUNABLES': ''})
-  assert 'TUNABLES glibc.malloc.hugetlb=1' in out.stdout.splitlines()
+@pytest.mark.parametrize('args,env,restarts', [
+    (['--workdir=/tmp/unused'], {}, True),                                      # a CPU host
+    (['--workdir=/tmp/unused', '--config.cpu_kernels=off'], {}, False),
+    (['--workdir=/tmp/unused'], {'RESNET_JAX_CPU_KERNELS': 'off'}, False),
+    (['--workdir=/tmp/unused'], {'JAX_PLATFORMS': 'cuda'}, False),              # a GPU host
+    (['--mode=describe'], {}, False),                                           # no steps run
+])
+def test_run_py_restarts_with_the_tunable_only_where_the_plugin_may_run(args, env, restarts):
+  env = {'GLIBC_TUNABLES': '', 'RESNET_JAX_CPU_KERNELS': '', **env}
+  lines = [line for line in helpers.run_py(*args, prelude=NO_RUN, env=env).stdout.splitlines()
+           if line.startswith('TUNABLES')]
+  assert lines == (['TUNABLES ', 'TUNABLES glibc.malloc.hugetlb=1'] if restarts
+                   else ['TUNABLES '])
 
 
 def _thp_enabled():

@@ -1,4 +1,10 @@
-"""resnet_jax.onednn_conv: the same convolution as lax, on oneDNN, per batch shard."""
+"""The CPU plugin (resnet_jax/cpu): the same convolution as lax, on oneDNN, per batch shard;
+chosen once by the trainer, with a fallback where it cannot run.
+
+These tests skip, saying why, where the plugin cannot run: not x86-64, a jaxlib
+whose internal call is not validated, and (for the kernel gradients) no C++
+compiler or no oneDNN packages (pip install '.[cpu]').
+"""
 import json
 import re
 
@@ -8,9 +14,28 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import models, onednn_conv, onednn_ext
+from resnet_jax import backend, cpu, errors, models
+from resnet_jax.cpu import onednn_conv, onednn_ext
+
+pytestmark = pytest.mark.cpu_kernels
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+@pytest.fixture(autouse=True)
+def convolutions():
+  """Skips where XLA's oneDNN convolution cannot run here."""
+  reason = onednn_conv.problem()
+  if reason:
+    pytest.skip(f'oneDNN convolutions cannot run here: {reason}')
+
+
+@pytest.fixture
+def kernel_gradients():
+  """Skips where resnet_jax's kernel-gradient extension cannot be built or loaded here."""
+  reason = onednn_conv.kernel_gradient_problem()
+  if reason:
+    pytest.skip(f'oneDNN kernel gradients cannot run here: {reason}')
 
 
 def _value_and_grads(conv, strides, padding, **kwargs):
@@ -49,7 +74,10 @@ def _assert_close(a, ref):
     ((2, 6, 6, 4), (3, 3, 4, 6), (1, 1), ((3, 3), (0, 0)), 1),      # padding > kernel - 1
 ])
 @pytest.mark.parametrize('kernel_grads', [False, True])
-def test_same_convolution_as_lax(x_shape, kernel_shape, strides, padding, calls, kernel_grads):
+def test_same_convolution_as_lax(x_shape, kernel_shape, strides, padding, calls, kernel_grads,
+                                 request):
+  if kernel_grads:
+    request.getfixturevalue('kernel_gradients')
   x = jax.random.normal(jax.random.key(0), x_shape)
   w = jax.random.normal(jax.random.key(1), kernel_shape)
   (_, y_ref), grads_ref = _value_and_grads(jax.lax.conv_general_dilated, strides, padding)(x, w)
@@ -100,7 +128,7 @@ def test_other_convolutions_pass_through_to_lax(kwargs):
       y, jax.lax.conv_general_dilated(*args, dimension_numbers=dims, **kwargs))
 
 
-def test_a_batch_sharded_jit_convolves_each_shard_on_its_own_device():
+def test_a_batch_sharded_jit_convolves_each_shard_on_its_own_device(kernel_gradients):
   devices = jax.devices()
   mesh = Mesh(np.array(devices), ('data',))
   n = len(devices)
@@ -138,7 +166,7 @@ def test_explicit_mesh_axes_give_lax_gradients_and_shardings():
     _assert_close(a, ref)
 
 
-def test_pmap_runs_it_per_device():
+def test_pmap_runs_it_per_device(kernel_gradients):
   n = jax.local_device_count()
   x = jax.random.normal(jax.random.key(0), (n, 2, 8, 8, 16))
   w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
@@ -218,13 +246,13 @@ def test_bad_and_empty_shapes_behave_as_in_lax():
   assert conv(x, w).shape == _conv(jax.lax.conv_general_dilated, (2, 2), 'VALID')(x, w).shape
 
 
-def test_resnet20_on_onednn_is_the_same_network():
+def test_resnet20_on_the_plugin_is_the_same_network(kernel_gradients):
   """And a canary: it fails if jaxlib stops running the custom call."""
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 10
   results, calls = [], []
-  for onednn in (False, True):
-    model = models.create_model('resnet20', 10, onednn_convs=onednn)
+  for options in ({}, cpu.check().model_options()):
+    model = models.create_model('resnet20', 10, **options)
     variables = model.init(jax.random.key(1), x, train=False)
 
     def loss(params, model=model, variables=variables):
@@ -243,18 +271,42 @@ def test_resnet20_on_onednn_is_the_same_network():
   jax.tree.map(_assert_close, grads_b, grads_a)
 
 
-@pytest.mark.parametrize('backend,expected', [('cpu', True), ('gpu', False)])
-def test_onednn_convs_default_to_the_cpu_backend(monkeypatch, backend, expected):
-  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-  model = models.create_model('resnet20', 10)
-  x = jnp.zeros((1, 8, 8, 3))
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
-  assert ('onednn_conv2d' in jaxpr) == expected
+@pytest.mark.parametrize('configured,env,backend_name,expected', [
+    ('auto', '', 'cpu', True), ('on', '', 'cpu', True), ('off', '', 'cpu', False),
+    ('auto', 'off', 'cpu', False), ('auto', 'on', 'cpu', True), ('on', 'off', 'cpu', True),
+    ('auto', '', 'gpu', False), ('auto', '', 'tpu', False), ('off', '', 'gpu', False),
+])
+def test_the_trainer_chooses_the_plugin_once_from_config_and_backend(
+    monkeypatch, configured, env, backend_name, expected):
+  monkeypatch.setenv(backend.CPU_KERNELS_ENV, env)
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend_name)
+  choice = backend.choose_cpu_kernels(configured)
+  assert ('conv_general_dilated' in choice.model_options) == expected
+  if not expected:
+    assert choice.model_options == {} and choice.description.startswith('off')
+
+
+def test_cpu_kernels_on_off_the_cpu_and_bad_values_fail_clearly(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(errors.ConfigError, match='cpu_kernels=on needs the CPU backend'):
+    backend.choose_cpu_kernels('on')
+  with pytest.raises(errors.ConfigError, match="config.cpu_kernels='yes'; choose one of auto"):
+    backend.choose_cpu_kernels('yes')
+  monkeypatch.setenv(backend.CPU_KERNELS_ENV, 'fast')
+  with pytest.raises(errors.ConfigError, match=r"\$RESNET_JAX_CPU_KERNELS='fast'"):
+    backend.choose_cpu_kernels('auto')
+
+
+def _plugin_falls_back(expected_reason):
+  """auto: XLA's convolutions and a description that says why; on: a clear error."""
+  choice = backend.choose_cpu_kernels('auto')
+  assert choice.model_options == {}
+  assert expected_reason in choice.description, choice.description
+  with pytest.raises(errors.ConfigError, match='cpu_kernels=on, but the CPU plugin cannot run'):
+    backend.choose_cpu_kernels('on')
 
 
 def test_a_jaxlib_that_reads_the_call_differently_is_caught_before_training(monkeypatch):
-  """The model then uses lax by default, and an explicit request fails with a clear error."""
   original = onednn_conv.backend_config
 
   def misread(kernel_shape, strides, padding):  # padding on the other side
@@ -263,16 +315,11 @@ def test_a_jaxlib_that_reads_the_call_differently_is_caught_before_training(monk
     window['padLeft'], window['padRight'] = window['padRight'], window['padLeft']
     return json.dumps(config)
   monkeypatch.setattr(onednn_conv, 'backend_config', misread)
+  monkeypatch.setenv(backend.CPU_KERNELS_ENV, '')
   onednn_conv.problem.cache_clear()
   try:
     assert onednn_conv.problem() and not onednn_conv.available()
-    x = jnp.zeros((1, 8, 8, 3))
-    model = models.create_model('resnet20', 10)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    assert 'onednn' not in str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
-    model = models.create_model('resnet20', 10, onednn_convs=True)
-    with pytest.raises(RuntimeError, match='model.onednn_convs=True, but this jaxlib'):
-      model.init(jax.random.key(0), x, train=False)
+    _plugin_falls_back('computed a different convolution than lax')
   finally:
     monkeypatch.undo()
     onednn_conv.problem.cache_clear()
@@ -280,7 +327,20 @@ def test_a_jaxlib_that_reads_the_call_differently_is_caught_before_training(monk
   assert bool(jax.jit(lambda: jnp.asarray(onednn_conv.available()))())
 
 
-def test_the_extension_is_compiled_once_then_cached(tmp_path, monkeypatch):
+def test_a_jaxlib_not_validated_is_not_tried_and_the_run_goes_on(monkeypatch):
+  """XLA would abort the process on a config it cannot read: such a jaxlib is never asked."""
+  monkeypatch.setattr(onednn_conv, 'VALIDATED_JAXLIB', '0.99.')
+  monkeypatch.setattr(onednn_conv, '_check', lambda: pytest.fail('the call was tried'))
+  monkeypatch.setenv(backend.CPU_KERNELS_ENV, '')
+  onednn_conv.problem.cache_clear()
+  try:
+    _plugin_falls_back('validated for jaxlib 0.99.x only')
+  finally:
+    monkeypatch.undo()
+    onednn_conv.problem.cache_clear()
+
+
+def test_the_extension_is_compiled_once_then_cached(tmp_path, monkeypatch, kernel_gradients):
   monkeypatch.setenv('RESNET_JAX_CACHE', str(tmp_path))
   path = onednn_ext.build()
   assert path.parent == tmp_path and path.name.startswith('onednn_kernel_grad-')
@@ -289,7 +349,7 @@ def test_the_extension_is_compiled_once_then_cached(tmp_path, monkeypatch):
   assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
 
 
-def test_the_extension_says_what_is_missing(tmp_path, monkeypatch):
+def test_the_extension_says_what_is_missing(tmp_path, monkeypatch, kernel_gradients):
   monkeypatch.setenv('RESNET_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'no-such-compiler')
   with pytest.raises(onednn_ext.ExtensionError, match=r'no C\+\+ compiler.*set CXX'):
@@ -309,23 +369,46 @@ def test_the_extension_says_what_is_missing(tmp_path, monkeypatch):
 
 
 def test_without_the_extension_xla_computes_kernel_gradients(monkeypatch):
-  """The model then uses XLA's by default; an explicit request fails with a clear error."""
+  """auto then keeps oneDNN's convolutions and says why the kernel gradients are XLA's."""
   def unavailable():
     raise onednn_ext.ExtensionError('the pip package onednn-cpu-gomp is not installed')
   monkeypatch.setattr(onednn_conv, '_register_kernel_gradient', unavailable)
+  monkeypatch.setenv(backend.CPU_KERNELS_ENV, '')
   onednn_conv.kernel_gradient_problem.cache_clear()
   try:
     assert 'onednn-cpu-gomp' in onednn_conv.kernel_gradient_problem()
+    choice = backend.choose_cpu_kernels('on')
+    assert "XLA's kernel gradients (the pip package onednn-cpu-gomp" in choice.description
     x = jnp.zeros((2, 8, 8, 3))
-    model = models.create_model('resnet20', 10)
+    model = models.create_model('resnet20', 10, **choice.model_options)
     variables = model.init(jax.random.key(0), x, train=False)
     loss = lambda p: jnp.sum(model.apply({**variables, 'params': p}, x, train=False))  # noqa
     text = jax.jit(jax.grad(loss)).lower(variables['params']).compile().as_text()
     assert _custom_calls(text) and not _kernel_grad_calls(text)
-    model = models.create_model('resnet20', 10, onednn_kernel_grads=True)
-    with pytest.raises(RuntimeError, match='model.onednn_kernel_grads=True, but.*onednn-cpu'):
-      model.init(jax.random.key(0), x, train=False)
   finally:
     monkeypatch.undo()
     onednn_conv.kernel_gradient_problem.cache_clear()
-  assert onednn_conv.kernel_gradient_problem() is None
+
+
+def test_every_host_runs_process_zeros_choice_or_the_run_stops(tmp_path, digits_dir,
+                                                               kernel_gradients):
+  """2 processes on 127.0.0.1: the same plugin program on both, or a clear stop on both."""
+  from tests import test_multihost  # pylint: disable=import-outside-toplevel
+  args = [f'--config.data.data_dir={digits_dir}', '--config.cpu_kernels=on',
+          *test_multihost.ARGS[1:], '--config.num_train_steps=2']
+  logs = test_multihost._finish(test_multihost._start_hosts(tmp_path / 'alike', *args))
+  for log in logs:
+    assert 'CPU kernels: oneDNN convolutions, input and kernel gradients' in log
+  with open(tmp_path / 'alike' / 'config.json') as f:
+    assert json.load(f)['cpu_kernels_used'].startswith('oneDNN convolutions, input and kernel')
+  # Host 1 cannot build the extension (no compiler, an empty cache): it cannot follow.
+  unlike = ({}, {'CXX': 'no-such-compiler', 'RESNET_JAX_CACHE': str(tmp_path / 'empty')})
+  hosts = test_multihost._start_hosts(tmp_path / 'unlike', *args, host_env=unlike)
+  logs = test_multihost._finish(hosts, check=False)
+  assert [process.returncode for process, _ in hosts] == [1, 1]
+  for log in logs:
+    assert ('Process 0 chose oneDNN convolutions and kernel gradients (config.cpu_kernels), but '
+            'process(es) [1] cannot run them') in log, log[-3000:]
+    assert 'Traceback' not in log
+  assert 'no C++ compiler' in logs[1]
+  assert not (tmp_path / 'unlike' / 'checkpoints').exists()

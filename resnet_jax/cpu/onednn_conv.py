@@ -31,8 +31,8 @@ Only channels-last (NHWC input, HWIO kernel) float32 2-D convs without
 dilation or groups, with a non-empty result, take this path;
 `conv_general_dilated` passes anything else to lax unchanged. Not supported:
 `jax.export` (the calls are XLA-internal or this process's own). `problem()`
-says whether this process can use the convolutions (x86-64 CPUs; jax as
-pinned in pyproject.toml), `kernel_gradient_problem()` the kernel gradients.
+says whether this process can use the convolutions (x86-64 CPUs, the jaxlib
+versions in VALIDATED_JAXLIB), `kernel_gradient_problem()` the kernel gradients.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -53,10 +54,12 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax._src import dispatch  # pylint: disable=g-bad-import-order
 
-from resnet_jax import onednn_ext
+from resnet_jax.cpu import onednn_ext
 
 _LOG = logging.getLogger(__name__)
 TARGET = '__onednn$convolution'
+# The jaxlib versions whose XLA reads `backend_config` as written here.
+VALIDATED_JAXLIB = '0.10.'
 # (batch or input feature, feature or output feature, spatial...) positions.
 NHWC = (0, 3, 1, 2)
 HWIO = (2, 3, 0, 1)
@@ -412,11 +415,15 @@ def problem() -> str | None:
   Runs one small strided, lopsidedly padded conv through the custom call and
   compares it with lax's: a jaxlib without the call, or one that computes
   another convolution from its config, is caught here rather than in a
-  training step. (A config that XLA's own checks reject aborts the process;
-  jax is pinned to the versions tested.)
+  training step. A config that XLA's own checks reject would abort the
+  process, so only the jaxlib versions whose format was validated try it.
   """
   if platform.machine().lower() not in ('x86_64', 'amd64'):
     reason = f'tested on x86-64 CPUs only, this is {platform.machine()}'
+  elif not jaxlib.__version__.startswith(VALIDATED_JAXLIB):
+    # XLA aborts the process on a config it cannot read: do not try another format.
+    reason = (f"XLA's internal oneDNN call is validated for jaxlib {VALIDATED_JAXLIB}x only, "
+              f'this is {jaxlib.__version__}')
   elif _NEEDS_DEVICES is None:
     reason = 'this jax has no jax._src.dispatch.prim_requires_devices_during_lowering'
   else:
