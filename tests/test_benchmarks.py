@@ -82,3 +82,15 @@ def test_cpu_vs_torch_times_each_contender_in_turns():
   bad = subprocess.run([sys.executable, script, '--jax=jit'], capture_output=True, text=True,
                        check=False)
   assert bad.returncode == 2 and 'expected jit:N or pmap:N' in bad.stderr, bad.stderr[-2000:]
+
+
+def test_compare_trees_times_two_source_trees_in_turns():
+  script = os.path.join(helpers.REPO, 'benchmarks', 'compare_trees.py')
+  out = subprocess.run([sys.executable, script, f'--tree=one={helpers.REPO}',
+                        f'--tree=two={helpers.REPO}', '--batch=4', '--image=8', '--steps=1',
+                        '--rounds=2'], capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line.split() for line in out.stdout.splitlines()[2:]]
+  assert [row[0] for row in rows] == ['one', 'two']
+  assert rows[0][7] == '1.000' and float(rows[1][1]) > 0  # the first tree's ratio to itself
+  assert len(rows[1]) == 15  # name, img/s, the ratios, and one block per round
