@@ -61,9 +61,14 @@ def get_config() -> config_dict.ConfigDict:
   c.data.normalize = 'per_pixel_mean'
   c.data.eval_resize = 0                 # shorter side before the eval crop; 0: resize whole image
   c.data.eval_crop = 'center'            # 'center' | 'ten_crop' (paper Tables 2-3)
-  c.data.cache = True
+  c.data.cache = True                    # keep the train split in memory (small data sets)
+  # Examples per host in one shuffle buffer. Without the cache, an epoch is read
+  # as buffer loads of randomly chosen record blocks, each shuffled in full; a
+  # resumed run reads at most one load to get back to its place.
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2                    # batches prefetched to the devices
+  c.data.threads = 0                     # tf.data's thread pool per host (0: tf.data's default)
+  c.data.ram_budget_gb = 0.0             # tf.data's autotune RAM budget (0: its default)
 
   # --- Optimisation. ---
   c.batch_size = 128                     # global, over all devices and hosts

@@ -63,7 +63,7 @@ def model_defaults(config_model: Any, backend: str | None = None) -> dict[str, A
   """Model options left unset in the config that depend on the backend."""
   backend = backend or jax.default_backend()
   if config_model.get('bn_fast_variance') is None:
-    # One pass where BN is memory bound (ResNet-50 bf16 on an H200: 7% faster).
+    # One pass where BN is memory bound (docs/performance.md: the H200 figures).
     return {'bn_fast_variance': backend != 'cpu'}
   return {}
 

@@ -19,8 +19,8 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dic
   ckpt = checkpointing.Checkpoints(workdir)
   step = ckpt.resolve(which)
   state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
-  metrics = train.evaluate(strategy, strategy.replicate(state),
-                           input_pipeline.eval_dataset(config, inp))
+  metrics = train.evaluate(strategy, strategy.replicate(state), input_pipeline.eval_batches(
+      config, inp, input_pipeline.eval_dataset(config, inp)))
   result = {
       'step': step,
       'checkpoint': which,

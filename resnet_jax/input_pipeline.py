@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import itertools
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnet_jax import augment
 from resnet_jax import errors
 from resnet_jax import preprocessing as pp
 from resnet_jax import datasets
@@ -189,28 +191,29 @@ def part_of_split(split: str, index: int, count: int) -> Any:
   return tfds.even_splits(split, n=count, drop_remainder=False)[index]
 
 
-# --- Normalisation -----------------------------------------------------------
+# --- Normalisation (applied on the devices: resnet_jax/augment.py) -----------
 
 def _stats_path(builder: tfds.core.DatasetBuilder, split: str, size: int) -> str:
-  key = hashlib.sha1(f'{split}|{size}'.encode()).hexdigest()[:12]
+  key = hashlib.sha1(f'{split}|{size}|uint8'.encode()).hexdigest()[:12]
   return os.path.join(builder.data_dir, f'resnet_jax_pixel_mean_{key}.npy')
 
 
 def per_pixel_mean(builder: tfds.core.DatasetBuilder, split: str, size: int) -> np.ndarray:
-  """Mean image of `split` at size x size in [0, 1], computed once and cached beside the data."""
+  """Mean image of `split` at size x size in [0, 1] (of the uint8 images the pipeline
+  sends), computed once and cached beside the data."""
   path = _stats_path(builder, split, size)
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path, 'rb') as f:
       return np.load(f)
   image_key, _ = image_and_label_keys(builder)
   ds = builder.as_dataset(split=split).map(
-      lambda ex: pp.resize(pp.to_float(pp.decode(ex[image_key])), size),
+      lambda ex: pp.resize(pp.decode(ex[image_key]), size),
       num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
   total, count = np.zeros((size, size, 3), np.float64), 0
   for images in tfds.as_numpy(ds):
     total += images.sum(0, dtype=np.float64)
     count += len(images)
-  mean = (total / max(count, 1)).astype(np.float32)
+  mean = (total / max(count, 1) / 255.0).astype(np.float32)
   try:
     with tf.io.gfile.GFile(path, 'wb') as f:
       np.save(f, mean)
@@ -219,72 +222,76 @@ def per_pixel_mean(builder: tfds.core.DatasetBuilder, split: str, size: int) -> 
   return mean
 
 
-def normalizer(builder: tfds.core.DatasetBuilder, data_config: Any, train_split: str):
-  """The mean subtraction (and scaling) applied to every [0, 1] image."""
-  kind = data_config.normalize
+def device_augment(builder: tfds.core.DatasetBuilder, config: Any,
+                   train_split: str) -> augment.DeviceAugment:
+  """What the jitted steps do to this pipeline's uint8 images (normalisation, and the cheap
+  random augmentation of `config.data.train_augment`)."""
+  data = config.data
+  kind = data.normalize
   if kind == 'per_pixel_mean':
-    mean = tf.constant(per_pixel_mean(builder, train_split, data_config.image_size))
-    return lambda image: image - mean
-  if kind == 'imagenet_mean':
-    return lambda image: image - tf.constant(pp.IMAGENET_MEAN)
-  if kind == 'imagenet_mean_std':
-    return lambda image: (image - tf.constant(pp.IMAGENET_MEAN)) / tf.constant(pp.IMAGENET_STD)
-  raise errors.ConfigError(f'config.data.normalize={kind!r}; choose one of {", ".join(NORMALIZATIONS)}.')
+    mean, std = per_pixel_mean(builder, train_split, data.image_size), None
+  elif kind == 'imagenet_mean':
+    mean, std = np.asarray(pp.IMAGENET_MEAN, np.float32), None
+  elif kind == 'imagenet_mean_std':
+    mean, std = np.asarray(pp.IMAGENET_MEAN, np.float32), np.asarray(pp.IMAGENET_STD, np.float32)
+  else:
+    raise errors.ConfigError(f'config.data.normalize={kind!r}; choose one of '
+                             f'{", ".join(NORMALIZATIONS)}.')
+  aug = data.train_augment
+  return augment.DeviceAugment(
+      mean=mean, std=std,
+      crop_padding=data.crop_padding if aug in ('pad_crop_flip', 'pad_crop') else 0,
+      flip=aug in ('pad_crop_flip', 'scale', 'inception'),
+      pca_lighting=data.pca_lighting if aug == 'scale' else 0.0,
+      seed=_seed(config.seed, 'augment') % 2**31)
 
 
-# --- Per-example preprocessing ------------------------------------------------
+# --- Per-example preprocessing on the host: uint8 images out -------------------
 
-def train_preprocess(data_config: Any, normalize, image_key: str, label_key: str):
-  """(example, seed) -> {'image', 'label'} with the configured augmentation."""
+def train_preprocess(data_config: Any, image_key: str, label_key: str):
+  """(example, seed) -> {'image': uint8, 'label'}: the decoding, cropping and resizing part
+  of the configured augmentation (the rest runs on the devices)."""
   size = data_config.image_size
-  augment = data_config.train_augment
+  augment_kind = data_config.train_augment
+  if augment_kind not in TRAIN_AUGMENTS:
+    raise errors.ConfigError(f'config.data.train_augment={augment_kind!r}; choose one of '
+                             f'{", ".join(TRAIN_AUGMENTS)}.')
+  low, high = data_config.scale_range
+  if augment_kind == 'scale' and not size <= low <= high:
+    raise errors.ConfigError(f'config.data.scale_range={tuple(data_config.scale_range)} must '
+                             f'satisfy image_size ({size}) <= low <= high.')
 
   def fn(example, seed):
-    crop_seed, flip_seed, colour_seed = pp.split_seed(seed, 3)
     image = example[image_key]
-    if augment == 'inception':
-      image = pp.to_float(pp.inception_crop(image, size, crop_seed))
-      image = normalize(pp.random_flip(image, flip_seed))
-    elif augment == 'scale':
-      low, high = data_config.scale_range
-      image = pp.random_scale_and_crop(pp.to_float(pp.decode(image)), size, low, high, crop_seed)
-      image = pp.random_flip(image, flip_seed)
-      if data_config.pca_lighting:
-        image = pp.pca_lighting(image, colour_seed, data_config.pca_lighting)
-      image = normalize(image)
-    else:
-      # Mean first (it is per pixel), then zero padding, as in the paper.
-      image = normalize(pp.resize(pp.to_float(pp.decode(image)), size))
-      if augment in ('pad_crop_flip', 'pad_crop'):
-        image = pp.pad_and_random_crop(image, data_config.crop_padding, crop_seed)
-      if augment == 'pad_crop_flip':
-        image = pp.random_flip(image, flip_seed)
+    if augment_kind == 'inception':
+      image = pp.inception_crop(image, size, seed)
+    elif augment_kind == 'scale':
+      image = pp.scale_augment(image, size, low, high, seed)
+    else:  # CIFAR-style: the devices pad, crop and flip
+      image = pp.resize(pp.decode(image), size)
     return {'image': tf.ensure_shape(image, (size, size, 3)),
             'label': tf.cast(example[label_key], tf.int32)}
 
-  if augment not in TRAIN_AUGMENTS:
-    raise errors.ConfigError(f'config.data.train_augment={augment!r}; choose one of '
-                     f'{", ".join(TRAIN_AUGMENTS)}.')
   return fn
 
 
-def eval_preprocess(data_config: Any, normalize, image_key: str, label_key: str):
-  """example -> {'image', 'label', 'mask'}: centre crop (or whole image) or 10 crops."""
+def eval_preprocess(data_config: Any, image_key: str, label_key: str):
+  """example -> {'image': uint8, 'label', 'mask'}: centre crop (or whole image) or 10 crops."""
   size, resize_to, crop = data_config.image_size, data_config.eval_resize, data_config.eval_crop
   if crop not in EVAL_CROPS:
     raise errors.ConfigError(f'config.data.eval_crop={crop!r}; choose one of {", ".join(EVAL_CROPS)}.')
   if crop == 'ten_crop' and resize_to <= size:
-    raise errors.ConfigError('config.data.eval_crop=ten_crop needs config.data.eval_resize > image_size '
-                     f'(the paper: 256 for 224 crops), got {resize_to}.')
+    raise errors.ConfigError('config.data.eval_crop=ten_crop needs config.data.eval_resize > '
+                             f'image_size (the paper: 256 for 224 crops), got {resize_to}.')
 
   def fn(example):
-    image = pp.to_float(pp.decode(example[image_key]))
-    if resize_to:
-      image = pp.resize_shorter_side(image, resize_to)
-      image = pp.ten_crop(image, size) if crop == 'ten_crop' else pp.center_crop(image, size)
+    image = example[image_key]
+    if resize_to and crop == 'center':
+      image = pp.center_crop_of_resized(image, size, resize_to)
+    elif resize_to:
+      image = pp.to_uint8(pp.ten_crop(pp.resize_shorter_side(pp.decode(image), resize_to), size))
     else:
-      image = pp.resize(image, size)
-    image = normalize(image)
+      image = pp.resize(pp.decode(image), size)
     shape = (10, size, size, 3) if crop == 'ten_crop' else (size, size, 3)
     return {'image': tf.ensure_shape(image, shape),
             'label': tf.cast(example[label_key], tf.int32),
@@ -357,48 +364,213 @@ def _seed(*parts: int) -> int:
   return int.from_bytes(hashlib.sha256('/'.join(map(str, parts)).encode()).digest()[:7], 'little')
 
 
-def train_iterator(config: Any, inp: Input, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """This host's training batches from global step `start_step` on, forever."""
+def _epoch_seed(config: Any, shard: int, epoch: int) -> int:
+  return _seed(config.seed, shard, epoch) % 2**31
+
+
+def _blocks(builder: tfds.core.DatasetBuilder, split: Any, size: int) -> list[tuple[str, int, int]]:
+  """A split's records as (file, skip, take) blocks of at most `size` records."""
+  blocks = []
+  for f in builder.info.splits[split].file_instructions:
+    for start in range(0, f.take, size):
+      blocks.append((f.filename, f.skip + start, min(size, f.take - start)))
+  return blocks
+
+
+def _groups(config: Any, shard: int, blocks: list[tuple[str, int, int]], group_size: int,
+            examples_per_epoch: int, start: int) -> Iterator[dict[str, Any]]:
+  """One shard's epochs from example `start` (counted over all epochs) on, forever, as
+  groups: shuffle-buffer loads of blocks, in an order drawn from (seed, shard, epoch).
+
+  An example's place depends only on its group, so a resumed run skips whole
+  groups unread and reads at most one group's worth of records to get back to
+  where it was: no more than starting an epoch.
+  """
+  epoch, position = divmod(start, examples_per_epoch)
+  while True:
+    epoch_seed = _epoch_seed(config, shard, epoch)
+    order = np.random.default_rng(epoch_seed).permutation(len(blocks))
+    first, members = 0, []
+    for i, block in enumerate([blocks[k] for k in order] + [None]):
+      if block is not None and (not members or sum(b[2] for b in members) + block[2] <= group_size):
+        members.append(block)
+        if i < len(order) and first + sum(b[2] for b in members) < examples_per_epoch:
+          continue
+      if members:
+        count = min(sum(b[2] for b in members), examples_per_epoch - first)
+        if first + count > position:
+          files, skips, takes = zip(*members)
+          yield {'files': list(files), 'skips': list(skips), 'takes': list(takes),
+                 'shuffle_seed': _seed(epoch_seed, first) % 2**31, 'epoch_seed': epoch_seed,
+                 'first': first, 'skip': max(0, position - first), 'take': count}
+        first += count
+        members = [block] if block is not None else []
+      if first >= examples_per_epoch:
+        break
+    epoch, position = epoch + 1, 0
+
+
+def _dataset_options(data: Any) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  if data.threads:
+    options.threading.private_threadpool_size = data.threads
+  if data.ram_budget_gb:
+    options.autotune.ram_budget = int(data.ram_budget_gb * 2**30)
+  return options
+
+
+def check_resources(config: Any, builder: tfds.core.DatasetBuilder, split: str) -> None:
+  """Clear errors for thread counts above the cores and RAM budgets below the shuffle buffers."""
+  data = config.data
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  if data.threads < 0 or data.threads > cores:
+    raise errors.ConfigError(f'config.data.threads={data.threads}: this host has {cores} cores '
+                             f'for tf.data; use at most {cores} (0: as many as tf.data likes).')
+  if data.ram_budget_gb:
+    info = builder.info.splits[split.split('[')[0]]
+    per_example = info.num_bytes / max(info.num_examples, 1)
+    needed = 2 * data.shuffle_buffer * per_example / 2**30  # two groups in flight
+    if data.ram_budget_gb < needed:
+      raise errors.ConfigError(
+          f'config.data.ram_budget_gb={data.ram_budget_gb} is below the {needed:.2f} GB that '
+          f'two shuffle buffers of {data.shuffle_buffer} examples (config.data.shuffle_buffer) '
+          'take: raise the budget or lower the buffer.')
+
+
+def train_dataset(config: Any, inp: Input, start_step: int = 0) -> tf.data.Dataset:
+  """This host's training batches (uint8 images) from global step `start_step` on, forever.
+
+  One tf.data pipeline for all epochs (no restart, no drained parallelism at
+  epoch boundaries). Batches are a function of (seed, step) only: the example
+  order of each shard's epoch comes from (seed, shard, epoch), every
+  example's augmentation from a stateless seed of its epoch and place.
+  """
   data = config.data
   builder = inp.builder
   image_key, label_key = image_and_label_keys(builder)
-  normalize = normalizer(builder, data, inp.splits.train)
-  preprocess = train_preprocess(data, normalize, image_key, label_key)
+  preprocess = train_preprocess(data, image_key, label_key)
+  check_resources(config, builder, inp.splits.train)
   decoders = _decoders(builder, image_key)
-  splits = {shard: part_of_split(inp.splits.train, shard, inp.num_shards) for shard in inp.shards}
   examples_per_epoch = inp.steps_per_epoch * inp.shard_batch_size
-  cached, shuffle_buffer = {}, max(1, data.shuffle_buffer // len(inp.shards))
-  if data.cache:
-    cached = {shard: builder.as_dataset(split=split, decoders=decoders).cache()
-              for shard, split in splits.items()}
-    # A full shuffle reads the whole shard in every epoch, so the cache completes.
-    shuffle_buffer = max(shuffle_buffer, examples_per_epoch + inp.shard_batch_size)
+  group_size = max(1, data.shuffle_buffer // len(inp.shards))
+  start = start_step * inp.shard_batch_size
 
-  def shard_epoch(shard: int, epoch: int, skip: int) -> tf.data.Dataset:
-    """One epoch of one shard: shuffled, augmented with per-example stateless seeds."""
-    epoch_seed = _seed(config.seed, shard, epoch)
-    if data.cache:
-      ds = cached[shard]
-    else:
-      ds = builder.as_dataset(split=splits[shard], decoders=decoders, shuffle_files=True,
-                              read_config=tfds.ReadConfig(shuffle_seed=epoch_seed % 2**31))
-    if shuffle_buffer > 1:
-      ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    ds = ds.take(examples_per_epoch).enumerate().skip(skip * inp.shard_batch_size)
-    seed = tf.constant([epoch_seed % 2**31, 0], tf.int64)
-    ds = ds.map(lambda i, ex: preprocess(ex, tf.random.experimental.stateless_fold_in(seed, i)),
+  def augmented(epoch_seed, position, example):
+    seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.cast(epoch_seed, tf.int64), tf.constant(0, tf.int64)]), position)
+    return preprocess(example, seed)
+
+  def shard_stream(shard: int) -> tf.data.Dataset:
+    split = part_of_split(inp.splits.train, shard, inp.num_shards)
+    if data.cache:  # the whole shard in memory, shuffled completely every epoch
+      cached = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False).cache()
+      first_epoch, skip = divmod(start, examples_per_epoch)
+
+      def epochs():
+        for e in itertools.count(first_epoch):
+          yield _epoch_seed(config, shard, e), skip if e == first_epoch else 0
+
+      def epoch(seed, skip):
+        ds = cached.shuffle(examples_per_epoch + inp.shard_batch_size + 1, seed=seed,
+                            reshuffle_each_iteration=False)
+        ds = ds.take(examples_per_epoch).enumerate().skip(skip)
+        return ds.map(lambda i, ex: (seed, i, ex))
+      examples = tf.data.Dataset.from_generator(
+          epochs, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64))
+      ).flat_map(epoch)
+    else:  # shuffle-buffer loads of blocks (see _groups)
+      blocks = _blocks(builder, split, max(1, group_size))
+      groups = tf.data.Dataset.from_generator(
+          lambda: _groups(config, shard, blocks, group_size, examples_per_epoch, start),
+          output_signature={
+              'files': tf.TensorSpec([None], tf.string), 'skips': tf.TensorSpec([None], tf.int64),
+              'takes': tf.TensorSpec([None], tf.int64), 'shuffle_seed': tf.TensorSpec([], tf.int64),
+              'epoch_seed': tf.TensorSpec([], tf.int64), 'first': tf.TensorSpec([], tf.int64),
+              'skip': tf.TensorSpec([], tf.int64), 'take': tf.TensorSpec([], tf.int64)})
+      features = builder.info.features
+
+      def read(group):
+        records = tf.data.Dataset.from_tensor_slices(
+            (group['files'], group['skips'], group['takes'])).interleave(
+                lambda f, s, t: tf.data.TFRecordDataset(f).skip(s).take(t),
+                cycle_length=tf.size(group['files'], tf.int64), block_length=1,
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(inp.shard_batch_size, drop_remainder=True)
+        records = records.shuffle(tf.reduce_sum(group['takes']), seed=group['shuffle_seed'],
+                                  reshuffle_each_iteration=False)
+        records = records.take(group['take']).enumerate().skip(group['skip'])
+        return records.map(lambda i, r: (group['epoch_seed'], group['first'] + i,
+                                         features.deserialize_example(r, decoders=decoders)))
+      # Two groups at a time: the next one's buffer fills while this one is served.
+      examples = groups.interleave(read, cycle_length=2, block_length=group_size,
+                                   num_parallel_calls=2, deterministic=True)
+    examples = examples.map(augmented, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return examples.batch(inp.shard_batch_size, drop_remainder=True)
 
   def concat(*parts):
     return tf.nest.map_structure(lambda *x: tf.concat(x, axis=0), *parts)
 
-  epoch, skip = divmod(start_step, inp.steps_per_epoch)
+  ds = tf.data.Dataset.zip(tuple(shard_stream(s) for s in inp.shards))
+  ds = ds.map(concat, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_dataset_options(data))
+
+
+def train_iterator(config: Any, inp: Input, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """This host's training batches (numpy, uint8 images) from global step `start_step` on."""
+  splits = [part_of_split(inp.splits.train, shard, inp.num_shards) for shard in inp.shards]
+  return checked(tfds.as_numpy(train_dataset(config, inp, start_step)), inp.builder, splits)
+
+
+def checked(batches: Iterator[Any], builder: tfds.core.DatasetBuilder,
+            splits: Sequence[Any]) -> Iterator[Any]:
+  """`batches`, but an image that cannot be decoded stops the run with its tfds key.
+
+  tf.data's error does not say which record failed, so on such an error the
+  records of `splits` are decoded one by one until the bad one is found (a
+  pass over this host's part of the data: slow, but only then).
+  """
+  iterator = iter(batches)
   while True:
-    ds = tf.data.Dataset.zip(tuple(shard_epoch(s, epoch, skip) for s in inp.shards))
-    ds = ds.map(concat, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    yield from tfds.as_numpy(ds)
-    epoch, skip = epoch + 1, 0
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+      if not _DECODE_ERROR.search(str(e)):
+        raise
+      raise errors.DataError(bad_image_message(builder, splits, e)) from None
+    yield batch
+
+
+_DECODE_ERROR = re.compile(r'jpeg|JPEG|decode|Decode|image format|PNG|png')
+
+
+def bad_image_message(builder: tfds.core.DatasetBuilder, splits: Sequence[Any],
+                      error: Exception) -> str:
+  image_key, _ = image_and_label_keys(builder)
+  logging.warning('An image cannot be decoded; looking for it in %s.',
+                  ', '.join(describe_split(s) for s in splits))
+  for split in splits:
+    ds = builder.as_dataset(split=split, decoders=_decoders(builder, image_key),
+                            shuffle_files=False, read_config=tfds.ReadConfig(add_tfds_id=True))
+    for example in ds:
+      image = example[image_key]
+      if image.dtype != tf.string:
+        break
+      try:
+        tf.io.decode_image(image, channels=3, expand_animations=False)
+      except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
+        key = example['tfds_id'].numpy().decode()
+        return (f'The image of record {key} of {builder.name} ({describe_split(split)}) is '
+                'corrupt or truncated and cannot be decoded; nothing was trained on it. '
+                f'Rebuild the data set from intact files, or remove that image and prepare '
+                f'{builder.name} again. (tf.data: {_first_line(str(error))})')
+  return (f'An image of {builder.name} cannot be decoded, but a second pass decoded all of '
+          f'{", ".join(describe_split(s) for s in splits)}: {_first_line(str(error))}')
+
+
+def _first_line(message: str) -> str:
+  return (message.strip().splitlines() or [''])[0][:300]
 
 
 def eval_dataset(config: Any, inp: Input, split: str | None = None) -> tf.data.Dataset:
@@ -411,8 +583,7 @@ def eval_dataset(config: Any, inp: Input, split: str | None = None) -> tf.data.D
   builder = inp.builder
   image_key, label_key = image_and_label_keys(builder)
   split = split or inp.splits.eval
-  normalize = normalizer(builder, config.data, inp.splits.train)
-  preprocess = eval_preprocess(config.data, normalize, image_key, label_key)
+  preprocess = eval_preprocess(config.data, image_key, label_key)
   ds = builder.as_dataset(split=part_of_split(split, inp.process_index, inp.process_count),
                           decoders=_decoders(builder, image_key), shuffle_files=False)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -423,4 +594,10 @@ def eval_dataset(config: Any, inp: Input, split: str | None = None) -> tf.data.D
   ds = ds.batch(inp.local_eval_batch_size, drop_remainder=True)
   if config.data.cache:
     ds = ds.cache()
-  return ds.prefetch(tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_dataset_options(config.data))
+
+
+def eval_batches(config: Any, inp: Input, dataset: tf.data.Dataset) -> Iterator[dict[str, Any]]:
+  """The numpy batches of an `eval_dataset`; an undecodable image stops with its key."""
+  split = part_of_split(inp.splits.eval, inp.process_index, inp.process_count)
+  return checked(tfds.as_numpy(dataset), inp.builder, [split])

@@ -73,8 +73,9 @@ def check_batch_sizes(config: Any, num_devices: int) -> None:
 
 
 def create(config: Any, make_model: Callable[[str | None], Any], tx: Any,
-           schedule: Callable, input_shape: tuple[int, ...]) -> Parallel:
-  """The strategy named by `config.parallel`; `make_model(bn_axis_name)` builds the net."""
+           schedule: Callable, input_shape: tuple[int, ...], augment: Any = None) -> Parallel:
+  """The strategy named by `config.parallel`; `make_model(bn_axis_name)` builds the net;
+  `augment` (augment.DeviceAugment) turns uint8 batches into model inputs in the steps."""
   if config.parallel not in PARALLEL_MODES:
     raise errors.ConfigError(f'config.parallel={config.parallel!r}; choose one of '
                      f'{", ".join(PARALLEL_MODES)}.')
@@ -83,7 +84,8 @@ def create(config: Any, make_model: Callable[[str | None], Any], tx: Any,
   replicated = NamedSharding(global_mesh, P())
   axis_name = PMAP_AXIS if config.parallel == 'pmap' else None
   model = make_model(axis_name)
-  train_fn, eval_fn = steps.make_steps(model, tx, config, schedule, axis_name=axis_name)
+  train_fn, eval_fn = steps.make_steps(model, tx, config, schedule, axis_name=axis_name,
+                                       augment=augment)
 
   def create_state(rng):
     return steps.create_train_state(model, tx, config, input_shape, rng)

@@ -1,9 +1,19 @@
-"""Small, pure TensorFlow image ops: the paper's augmentation and evaluation crops.
+"""Small, pure TensorFlow image ops for the host side of the input pipeline.
 
-Each op takes and returns one example's image (HWC). Random ops are
-stateless: they take a `seed` (a shape-[2] int tensor), so a pipeline is
-deterministic for a seed however many threads run it, and a resumed run sees
-exactly the augmentation an uninterrupted one would have seen.
+The host does what needs the encoded image (decoding, cropping, resizing) and
+hands uint8 images to the devices; normalisation, flips, PCA lighting and the
+CIFAR pad-and-crop run inside the jitted steps (resnet_jax/augment.py). Each
+op takes and returns one example's image (HWC). Random ops are stateless:
+they take a `seed` (a shape-[2] int tensor), so a pipeline is deterministic
+for a seed however many threads run it.
+
+The paper's scale augmentation is computed crop first: the 224x224 crop of
+the image resized to shorter side S is mapped back to a window of source
+pixels, only that window is decoded (`decode_and_crop_jpeg`, with the JPEG
+decoder's DCT downscaling where the window is at least twice the output) and
+only the window is resized, with the same antialiased bilinear filter at the
+same sample positions as resizing the whole image. Non-JPEG images take the
+resize-then-crop path.
 """
 from __future__ import annotations
 
@@ -16,6 +26,8 @@ IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
                    (-0.5808, -0.0045, -0.8140),
                    (-0.5836, -0.6948, 0.4203))
+# The JPEG decoder's DCT downscaling factors.
+DCT_RATIOS = (1, 2, 4, 8)
 
 
 def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
@@ -32,36 +44,30 @@ def decode(image: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def to_float(image: tf.Tensor) -> tf.Tensor:
-  """uint8 [0, 255] -> float32 [0, 1]."""
-  return tf.cast(image, tf.float32) / 255.0
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """float [0, 255] (a resize's output) -> uint8, rounded to the nearest value."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Resizes to size x size (bilinear) unless the image already has that shape."""
+  """uint8 -> uint8 of size x size (antialiased bilinear), unless already that shape."""
   if image.shape[0] == size and image.shape[1] == size:
     return image
-  return tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+  return to_uint8(tf.image.resize(image, (size, size), method='bilinear', antialias=True))
 
 
-def resize_shorter_side(image: tf.Tensor, size: tf.Tensor | int) -> tf.Tensor:
-  """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
-  new_shape = tf.cast(tf.round(shape * scale), tf.int32)
-  new_shape = tf.maximum(new_shape, tf.cast(size, tf.int32))  # guard against rounding down
-  return tf.image.resize(image, new_shape, method='bilinear', antialias=True)
+def scaled_shape(shape: tf.Tensor, side: tf.Tensor | int) -> tf.Tensor:
+  """(height, width) of an image of `shape` resized to shorter side `side`."""
+  shape = tf.cast(shape[:2], tf.float32)
+  new_shape = tf.cast(tf.round(shape * tf.cast(side, tf.float32) / tf.reduce_min(shape)),
+                      tf.int32)
+  return tf.maximum(new_shape, tf.cast(side, tf.int32))  # guard against rounding down
 
 
-def pad_and_random_crop(image: tf.Tensor, padding: int, seed: tf.Tensor) -> tf.Tensor:
-  """CIFAR augmentation (paper Sec. 4.2): zero-pad `padding` pixels, crop the original size."""
-  height, width, channels = image.shape
-  padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-  return tf.image.stateless_random_crop(padded, (height, width, channels), seed=seed)
-
-
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  return tf.image.stateless_random_flip_left_right(image, seed=seed)
+def resize_shorter_side(image: tf.Tensor, side: tf.Tensor | int) -> tf.Tensor:
+  """Resizes (antialiased bilinear) so that the shorter side is `side`; float [0, 255] out."""
+  return tf.image.resize(image, scaled_shape(tf.shape(image), side), method='bilinear',
+                         antialias=True)
 
 
 def sample_shorter_sides(seed: tf.Tensor, num: int | tuple[int, ...], min_side: int,
@@ -71,28 +77,123 @@ def sample_shorter_sides(seed: tf.Tensor, num: int | tuple[int, ...], min_side: 
   return tf.random.stateless_uniform(shape, seed, min_side, max_side + 1, dtype=tf.int32)
 
 
-def random_scale_and_crop(image: tf.Tensor, size: int, min_side: int, max_side: int,
-                          seed: tf.Tensor) -> tf.Tensor:
-  """The paper's ImageNet scale augmentation (Sec. 3.4): shorter side uniform in
-  [min_side, max_side], then a random size x size crop."""
-  side_seed, crop_seed = split_seed(seed, 2)
+def sample_scale_crop(seed: tf.Tensor, shape: tf.Tensor, size: int, min_side: int,
+                      max_side: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The paper's scale augmentation (Sec. 3.4) for an image of `shape`: the shorter side S,
+  uniform in [min_side, max_side], and a uniformly placed size x size crop of the
+  image resized to S, as (side, top, left)."""
+  side_seed, top_seed, left_seed = split_seed(seed, 3)
   side = sample_shorter_sides(side_seed, (), min_side, max_side)
-  image = resize_shorter_side(image, side)
-  return tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
+  height, width = tf.unstack(scaled_shape(shape, side))
+  top = tf.random.stateless_uniform((), top_seed, 0, height - size + 1, dtype=tf.int32)
+  left = tf.random.stateless_uniform((), left_seed, 0, width - size + 1, dtype=tf.int32)
+  return side, top, left
 
 
-def pca_lighting(image: tf.Tensor, seed: tf.Tensor, alpha_std: float = 0.1) -> tf.Tensor:
-  """AlexNet-style colour augmentation: add PCA components of ImageNet RGB, scaled by
-  eigenvalue times N(0, alpha_std), to every pixel of a [0, 1] image."""
-  alpha = tf.random.stateless_normal((3,), seed, stddev=alpha_std)
-  eigvec = tf.constant(IMAGENET_EIGVEC, tf.float32)
-  rgb = tf.linalg.matvec(eigvec, alpha * tf.constant(IMAGENET_EIGVAL, tf.float32))
-  return image + rgb
+def scale_and_crop(image: tf.Tensor, size: int, side: tf.Tensor, top: tf.Tensor,
+                   left: tf.Tensor) -> tf.Tensor:
+  """Resize-then-crop: the whole uint8 image to shorter side `side`, then the crop at
+  (top, left). The reference that `crop_first_scale` computes faster; uint8 out."""
+  resized = resize_shorter_side(decode(image), side)
+  return to_uint8(resized[top:top + size, left:left + size])
+
+
+def _window(start: tf.Tensor, size: int, scale: tf.Tensor, length: tf.Tensor
+            ) -> tuple[tf.Tensor, tf.Tensor]:
+  """The source pixels [first, last) that `size` output pixels from `start` of an image
+  resized by `scale` depend on: the bilinear (triangle) kernel's reach, widened by
+  1/scale when it antialiases, and a pixel more (a cropped JPEG decode differs from a
+  full one at the window's edges only)."""
+  reach = tf.maximum(1.0, 1.0 / scale)
+  start = tf.cast(start, tf.float32)
+  low = (start + 0.5) / scale - 0.5 - reach
+  high = (start + size - 0.5) / scale - 0.5 + reach
+  first = tf.clip_by_value(tf.cast(tf.floor(low), tf.int32) - 1, 0, length - 1)
+  last = tf.clip_by_value(tf.cast(tf.math.ceil(high), tf.int32) + 2, first + 1, length)
+  return first, last
+
+
+def crop_first_scale(encoded: tf.Tensor, size: int, side: tf.Tensor, top: tf.Tensor,
+                     left: tf.Tensor) -> tf.Tensor:
+  """`scale_and_crop` of a JPEG, decoding and resizing only the crop's window; uint8 out.
+
+  The window is resized with `ScaleAndTranslate` at the sample positions of the
+  whole-image resize. With DCT downscaling by r the decoder averages r x r
+  blocks first (close to, not bit-equal to, the reference).
+  """
+  shape = tf.io.extract_jpeg_shape(encoded)[:2]
+  scale = tf.cast(scaled_shape(shape, side), tf.float32) / tf.cast(shape, tf.float32)
+  # The largest DCT factor that leaves the window at least the output's size.
+  smallest = tf.reduce_min(scale)
+  index = tf.reduce_sum(tf.cast(smallest * tf.constant(DCT_RATIOS[1:], tf.float32) <= 1.0,
+                                tf.int32))
+
+  def decode_with(ratio: int):
+    def fn():
+      dims = -(-shape // ratio)  # the decoder rounds up
+      effective = scale * ratio
+      y0, y1 = _window(top, size, effective[0], dims[0])
+      x0, x1 = _window(left, size, effective[1], dims[1])
+      window = tf.io.decode_and_crop_jpeg(encoded, tf.stack([y0, x0, y1 - y0, x1 - x0]),
+                                          channels=3, ratio=ratio)
+      translation = effective * tf.cast(tf.stack([y0, x0]), tf.float32) - tf.cast(
+          tf.stack([top, left]), tf.float32)
+      return tf.raw_ops.ScaleAndTranslate(
+          images=tf.cast(window, tf.float32)[None], size=[size, size], scale=effective,
+          translation=translation, kernel_type='triangle', antialias=True)[0]
+    return fn
+
+  image = tf.switch_case(index, [decode_with(ratio) for ratio in DCT_RATIOS])
+  return to_uint8(tf.ensure_shape(image, (size, size, 3)))
+
+
+def scale_augment(image: tf.Tensor, size: int, min_side: int, max_side: int,
+                  seed: tf.Tensor) -> tf.Tensor:
+  """The paper's scale augmentation of one image (encoded or not): uint8 size x size.
+
+  JPEGs go crop first (`crop_first_scale`); PNGs and decoded images are resized
+  whole, then cropped, with the same random geometry.
+  """
+  if image.dtype != tf.string:
+    side, top, left = sample_scale_crop(seed, tf.shape(image), size, min_side, max_side)
+    return scale_and_crop(image, size, side, top, left)
+
+  def jpeg():
+    side, top, left = sample_scale_crop(seed, tf.io.extract_jpeg_shape(image), size, min_side,
+                                        max_side)
+    return crop_first_scale(image, size, side, top, left)
+
+  def other():
+    decoded = decode(image)
+    side, top, left = sample_scale_crop(seed, tf.shape(decoded), size, min_side, max_side)
+    return scale_and_crop(decoded, size, side, top, left)
+
+  return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image), jpeg, other), (size, size, 3))
+
+
+def center_crop_of_resized(image: tf.Tensor, size: int, side: int) -> tf.Tensor:
+  """The centre size x size crop of the image resized to shorter side `side`; uint8 out.
+  JPEGs decode and resize only that crop's window."""
+  def geometry(shape):
+    height, width = tf.unstack(scaled_shape(shape, side))
+    return (height - size) // 2, (width - size) // 2
+
+  if image.dtype != tf.string:
+    return scale_and_crop(image, size, side, *geometry(tf.shape(image)))
+
+  def jpeg():
+    return crop_first_scale(image, size, side, *geometry(tf.io.extract_jpeg_shape(image)))
+
+  def other():
+    decoded = decode(image)
+    return scale_and_crop(decoded, size, side, *geometry(tf.shape(decoded)))
+
+  return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image), jpeg, other), (size, size, 3))
 
 
 def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor,
                    area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3)) -> tf.Tensor:
-  """Inception-style random-resized crop, decoding only the crop (fused JPEG decode)."""
+  """Inception-style random-resized crop, decoding only the crop (fused JPEG decode); uint8."""
   shape = tf.image.extract_jpeg_shape(encoded)
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape, tf.zeros((0, 0, 4), tf.float32), seed=seed, min_object_covered=0.0,
@@ -101,13 +202,7 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor,
   y, x, _ = tf.unstack(begin)
   h, w, _ = tf.unstack(crop_size)
   image = tf.image.decode_and_crop_jpeg(encoded, tf.stack([y, x, h, w]), channels=3)
-  return tf.image.resize(image, (size, size), method='bilinear', antialias=True)
-
-
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  top, left = (height - size) // 2, (width - size) // 2
-  return image[top:top + size, left:left + size]
+  return to_uint8(tf.image.resize(image, (size, size), method='bilinear', antialias=True))
 
 
 def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -118,3 +213,9 @@ def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   crops = tf.stack([image[t:t + size, l:l + size] for t, l in corners])
   crops = tf.ensure_shape(crops, (5, size, size, image.shape[-1]))
   return tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  top, left = (height - size) // 2, (width - size) // 2
+  return image[top:top + size, left:left + size]

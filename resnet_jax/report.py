@@ -69,15 +69,15 @@ def plot_curves(sweep_dir: epath.Path, names: list[str], path: epath.Path) -> No
   plt.close(fig)
 
 
-def layer_response_stds(config: Any, inp: input_pipeline.Input, strategy: Any, workdir: str,
+def layer_response_stds(config: Any, run: train.Setup, workdir: Any,
                         max_examples: int = 1000) -> list[float]:
   """Std of each 3x3 layer's BN output over eval data (per channel, averaged over channels)."""
   ckpt = checkpointing.Checkpoints(workdir)
-  state, _ = ckpt.restore(ckpt.resolve('latest'), strategy.abstract_state(
+  state, _ = ckpt.restore(ckpt.resolve('latest'), run.strategy.abstract_state(
       jax.random.key(config.seed)))
   ckpt.close()
   from resnet_jax import models  # pylint: disable=g-import-not-at-top
-  model = models.create_model_from_config(config.model, inp.num_classes)
+  model = models.create_model_from_config(config.model, run.inp.num_classes)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
   @jax.jit
@@ -96,11 +96,11 @@ def layer_response_stds(config: Any, inp: input_pipeline.Input, strategy: Any, w
 
   sums: dict[str, Any] = {}
   seen = 0
-  for batch in tfds.as_numpy(input_pipeline.eval_dataset(config, inp)):
+  for batch in tfds.as_numpy(input_pipeline.eval_dataset(config, run.inp)):
     keep = batch['mask'].astype(bool)
     if not keep.any():
       continue
-    acts = responses(jnp.asarray(batch['image'][keep]))
+    acts = responses(run.augment.eval(jnp.asarray(batch['image'][keep])))
     for name, value in acts.items():
       x = np.asarray(value, np.float64)
       s = sums.setdefault(name, [0.0, 0.0, 0])
@@ -163,13 +163,13 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
     member_dir = sweep_dir / name
     config = config_lib.load_saved_config(member_dir, default, overrides)
     run = train.setup(config)
-    inp, strategy, steps_total = run.inp, run.strategy, run.steps_total
+    steps_total = run.steps_total
     results = sweep.final_results(member_dir)
     rows.append({'member': name, 'model': config.model.name,
                  'status': 'finished' if results['steps'] >= steps_total else 'unfinished',
                  **results})
     if (member_dir / 'checkpoints').is_dir():
-      responses[name] = layer_response_stds(config, inp, strategy, member_dir)
+      responses[name] = layer_response_stds(config, run, member_dir)
   sweep.write_summary(sweep_dir, rows)
   written = ['curves.png', 'summary.md', 'summary.csv']
   if responses:

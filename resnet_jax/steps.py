@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax import augment as augment_lib
 from resnet_jax import optim
 
 
@@ -83,9 +84,13 @@ def _reduce(metrics: dict[str, jax.Array], axis_name: str | None) -> dict[str, j
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, lr_fn: Callable[[Any, Any], Any],
+               augment: augment_lib.DeviceAugment | None = None,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on a batch: forward with batch statistics, backward, update."""
+  """One SGD step on a batch: (augmentation,) forward with batch statistics, backward, update."""
   images, labels = batch['image'], batch['label']
+  if augment is not None:
+    images = augment.train(images, state.step,
+                           augment_lib.example_index(labels.shape[0], axis_name))
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
@@ -108,9 +113,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              augment: augment_lib.DeviceAugment | None = None,
               axis_name: str | None = None) -> dict[str, jax.Array]:
   """Summed loss and errors over the unmasked examples; 10-crop batches average softmax."""
   images, labels = batch['image'], batch['label']
+  if augment is not None:
+    images = augment.eval(images)
   weights = batch['mask'].astype(jnp.float32)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if images.ndim == 5:  # (batch, crops, H, W, C): average the crops' probabilities
@@ -125,8 +133,14 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
 
 
 def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: Any,
-               schedule: Callable, axis_name: str | None = None) -> tuple[Callable, Callable]:
-  """The two step functions with everything static bound; ready for jit or pmap."""
+               schedule: Callable, axis_name: str | None = None,
+               augment: augment_lib.DeviceAugment | None = None) -> tuple[Callable, Callable]:
+  """The two step functions with everything static bound; ready for jit or pmap.
+
+  `augment`: what turns the input pipeline's uint8 images into model inputs
+  (None: batches already hold them).
+  """
   lr_fn = functools.partial(optim.learning_rate, config, schedule)
-  return (functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, axis_name=axis_name),
-          functools.partial(eval_step, model=model, axis_name=axis_name))
+  return (functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, augment=augment,
+                            axis_name=axis_name),
+          functools.partial(eval_step, model=model, augment=augment, axis_name=axis_name))

@@ -15,20 +15,19 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from clu import metric_writers
 from clu import metrics as clu_metrics
 from clu import periodic_actions
 from etils import epath
 
+from resnet_jax import augment as augment_lib
 from resnet_jax import backend
 from resnet_jax import checkpointing
 from resnet_jax import errors
@@ -196,6 +195,8 @@ class Setup:
   strategy: parallel.Parallel
   steps_total: int
   cpu_kernels_used: str
+  # The pipeline's uint8 images -> model inputs (the steps apply it; so may analyses).
+  augment: augment_lib.DeviceAugment
 
 
 def setup(config: Any) -> Setup:
@@ -223,23 +224,25 @@ def setup(config: Any) -> Setup:
   schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)
   tx = optim.create_optimizer(config)
   input_shape = (config.data.image_size, config.data.image_size, 3)
+  augment = input_pipeline.device_augment(inp.builder, config, inp.splits.train)
   strategy = parallel.create(
       config,
       lambda axis: models.create_model_from_config(config.model, inp.num_classes,
                                                    bn_axis_name=axis, **run_options),
-      tx, schedule, input_shape)
-  return Setup(inp, strategy, steps_total, cpu_kernels.description)
+      tx, schedule, input_shape, augment=augment)
+  return Setup(inp, strategy, steps_total, cpu_kernels.description, augment)
 
 
-def evaluate(strategy: parallel.Parallel, state: Any, dataset: tf.data.Dataset,
+def evaluate(strategy: parallel.Parallel, state: Any, batches: Iterable[dict[str, Any]],
              stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-  """Loss and errors over every example of an eval dataset, each counted once.
+  """Loss and errors over every example of an eval split (`input_pipeline.eval_batches`),
+  each counted once.
 
   `stop` is asked before each batch (a preemption); when it says yes the
   evaluation ends early and returns None.
   """
   sums = None
-  for batch in tfds.as_numpy(dataset):
+  for batch in batches:
     if stop():
       return None
     m = strategy.eval_step(state, strategy.put_batch(batch))
@@ -346,7 +349,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if evaluated:
         with clock.paused(state), progress.timed('eval'):
-          step_metrics = evaluate(strategy, state, eval_data, stop=preemption.reached)
+          step_metrics = evaluate(strategy, state,
+                                  input_pipeline.eval_batches(config, inp, eval_data),
+                                  stop=preemption.reached)
         if step_metrics is None:  # SIGTERM: save now, evaluate this state after the restart
           logging.warning('SIGTERM during the evaluation at step %d: stopped it to save.', step)
           with clock.paused(state):

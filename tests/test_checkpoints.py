@@ -336,6 +336,7 @@ def test_export_gives_the_eval_models_logits_for_any_batch_size(trained, tmp_pat
   model = models.create_model_from_config(config.model, run.inp.num_classes,
                                           **backend.model_defaults(config.model))
   images = next(iter(tfds.as_numpy(input_pipeline.eval_dataset(config, run.inp))))['image']
+  images = np.asarray(run.augment.eval(images))  # the normalised inputs --mode=eval's model sees
   for batch in (images[:1], images[:7]):
     want = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch,
                        train=False)

@@ -32,17 +32,27 @@ def _first_batches(config, host=0, hosts=1, shards_per_host=1, start_step=0, num
   return inp, list(itertools.islice(input_pipeline.train_iterator(config, inp, start_step), num))
 
 
+def _on_device(config, inp, batch, step=0):
+  """What the train step feeds the model: the devices' part of the augmentation."""
+  aug = input_pipeline.device_augment(inp.builder, config, inp.splits.train)
+  return np.asarray(aug.train(batch['image'], step, np.arange(len(batch['label']))))
+
+
 def test_cifar10_shapes_dtypes_and_ranges_on_mock_data(mock_tfds):
   config = helpers.small_config(**{'data.name': 'cifar10', 'data.train_augment': 'pad_crop_flip',
                                    'batch_size': 8, 'eval_batch_size': 8})
   inp, (batch,) = _first_batches(config)
   assert inp.num_classes == 10
-  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
   assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
-  # [0, 1] images minus the per-pixel mean (padding is 0 = the mean).
-  assert -1.0 <= batch['image'].min() < 0 < batch['image'].max() <= 1.0
+  # On the devices: [0, 1] images minus the per-pixel mean, some zero padding.
+  images = _on_device(config, inp, batch)
+  assert images.dtype == np.float32 and images.shape == (8, 32, 32, 3)
+  assert -1.0 <= images.min() < 0 < images.max() <= 1.0
+  assert (images == 0).all(axis=-1).any()
   evals = list(tfds.as_numpy(input_pipeline.eval_dataset(config, inp)))
   assert [e['image'].shape for e in evals] == [(8, 32, 32, 3)] * 3
+  assert {e['image'].dtype for e in evals} == {np.dtype(np.uint8)}
   assert sum(int(e['mask'].sum()) for e in evals) == 24
 
 
@@ -55,8 +65,9 @@ def test_imagenet_shapes_dtypes_and_ranges_on_mock_data(mock_tfds, augment):
       'eval_batch_size': 8})
   inp, (batch,) = _first_batches(config)
   assert inp.num_classes == 1000
-  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
-  assert -0.9 < batch['image'].min() and batch['image'].max() < 0.9
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
+  images = _on_device(config, inp, batch)
+  assert -0.9 < images.min() and images.max() < 0.9
   assert 0 <= batch['label'].min() and batch['label'].max() < 1000
   config.data.eval_crop = 'ten_crop'
   evals = list(tfds.as_numpy(input_pipeline.eval_dataset(config, inp)))
@@ -92,27 +103,21 @@ def test_scale_augmentation_samples_every_shorter_side_in_range_and_no_other():
   # A narrow range shows the ends as clearly.
   assert set(pp.sample_shorter_sides(tf.constant([1, 2], tf.int64), 200, 30, 32).numpy()) == {
       30, 31, 32}
-  # The crop is taken from the image resized to that side.
-  image = tf.random.uniform((300, 400, 3))
-  seeds = [tf.constant([s, 1], tf.int64) for s in range(5)]
-  crops = [pp.random_scale_and_crop(image, 224, 256, 480, seed) for seed in seeds]
-  assert {tuple(c.shape) for c in crops} == {(224, 224, 3)}
-
-
-def test_cifar_pad_and_crop_reaches_into_the_padding():
-  seeds = [tf.constant([s, 1], tf.int64) for s in range(20)]
-  small = tf.ones((32, 32, 3))
-  padded = [pp.pad_and_random_crop(small, 4, seed).numpy() for seed in seeds]
-  assert all(p.shape == (32, 32, 3) for p in padded)
-  # Some crops reach into the zero padding, none is padding only.
-  assert min(p.mean() for p in padded) < 1.0 and min(p.max() for p in padded) == 1.0
-
-
-def test_pca_lighting_shifts_every_pixel_by_one_rgb_offset():
-  image = tf.zeros((4, 4, 3))
-  out = pp.pca_lighting(image, tf.constant([3, 4], tf.int64), 0.1).numpy()
-  np.testing.assert_allclose(out, np.broadcast_to(out[0, 0], out.shape))
-  assert 0 < np.abs(out[0, 0]).max() < 0.2
+  # The crop's place in the image resized to S: uniform over every position.
+  shape = tf.constant([300, 400, 3])
+  tops, lefts, heights, widths = [], [], [], []
+  for s in range(600):
+    side, top, left = pp.sample_scale_crop(tf.constant([s, 5], tf.int64), shape, 224, 256, 260)
+    height, width = pp.scaled_shape(shape, side).numpy()
+    tops.append(int(top))
+    lefts.append(int(left))
+    heights.append(height)
+    widths.append(width)
+  assert all(0 <= t <= h - 224 for t, h in zip(tops, heights))
+  assert all(0 <= l <= w - 224 for l, w in zip(lefts, widths))
+  assert min(tops) == 0 and max(t - (h - 224) for t, h in zip(tops, heights)) == 0
+  assert min(lefts) == 0 and max(l - (w - 224) for l, w in zip(lefts, widths)) == 0
+  assert abs(np.mean([t / (h - 224) for t, h in zip(tops, heights)]) - 0.5) < 0.05
 
 
 def _image_ids(batches):
@@ -195,3 +200,72 @@ def test_validation_holdout_splits_the_train_split(digits_dir):
 
 def test_tensorflow_sees_no_accelerators():
   assert tf.config.get_visible_devices('GPU') == []
+
+
+def test_a_resumed_epoch_skips_whole_groups_unread():
+  """Without the cache an epoch is read as shuffle-buffer loads of blocks; a run resumed
+  mid-epoch starts at its group and reads no earlier one."""
+  config = helpers.small_config()
+  blocks = [(f'file{i}', 0, 100) for i in range(20)]  # 2,000 records
+  groups = lambda start: list(itertools.islice(
+      input_pipeline._groups(config, 0, blocks, 300, 1800, start), 14))  # pylint: disable=protected-access
+  full = groups(0)
+  epoch_of = lambda g: g['epoch_seed']
+  first_epoch = [g for g in full if epoch_of(g) == epoch_of(full[0])]
+  assert [g['first'] for g in first_epoch] == list(range(0, 1800, 300))
+  assert all(sum(g['takes']) <= 300 and g['skip'] == 0 for g in full)
+  assert sum(g['take'] for g in first_epoch) == 1800  # the epoch's 18 batches of 100
+  used = [b for g in first_epoch for b in zip(g['files'], g['skips'], g['takes'])]
+  assert len(set(used)) == len(used) == 18
+  assert epoch_of(full[6]) != epoch_of(full[0])  # the next epoch draws another order
+  assert [g['files'] for g in full[6:12]] != [g['files'] for g in first_epoch]
+  resumed = groups(1000)  # mid-group: the group from 900 is read, 100 records dropped
+  assert resumed[0]['first'] == 900 and resumed[0]['skip'] == 100
+  assert [g['files'] for g in resumed[1:6]] == [g['files'] for g in full[4:9]]
+  assert groups(1800 + 600)[0]['first'] == 600  # in the second epoch
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_one_pipeline_runs_all_epochs_and_resumes_exactly_with_or_without_the_cache(
+    digits_dir, cache):
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'batch_size': 64,
+                                   'data.cache': cache, 'data.shuffle_buffer': 400})
+  inp = _input(config)
+  real, built = input_pipeline.train_dataset, []
+  with mock.patch.object(input_pipeline, 'train_dataset',
+                         lambda *a: built.append(a) or real(*a)):
+    run = list(itertools.islice(input_pipeline.train_iterator(config, inp), 46))  # 2+ epochs
+  assert len(built) == 1  # one pipeline for all epochs: no restart at their boundaries
+  for start in (7, 22, 30):
+    resumed = list(itertools.islice(input_pipeline.train_iterator(config, inp, start), 46 - start))
+    for a, b in zip(run[start:], resumed):
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['label'], b['label'])
+  epoch = {hashlib.sha1(x.tobytes()).hexdigest() for b in run[:22] for x in b['image']}
+  assert len(epoch) > 0.97 * 22 * 64  # an epoch of distinct examples (a few digits repeat)
+
+
+@pytest.fixture(scope='module')
+def broken_imagenet(tmp_path_factory):
+  """The real imagenet2012 builder on sample tars with one truncated JPEG."""
+  from resnet_jax.datasets import sample_imagenet  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('broken')
+  synsets = sample_imagenet.write_manual_dir(str(root / 'manual'), train_per_class=3, num_val=4,
+                                             long_side=120, truncated=('n01751748_1.JPEG',))
+  assert 'n01751748' in synsets
+  config = helpers.small_config(**{
+      'data.name': 'imagenet2012', 'data.data_dir': str(root / 'tfds'),
+      'data.manual_dir': str(root / 'manual'), 'data.eval_split': 'validation',
+      'data.train_augment': 'scale', 'data.image_size': 32, 'data.scale_range': (36, 48),
+      'data.eval_resize': 36, 'data.normalize': 'imagenet_mean', 'batch_size': 4,
+      'eval_batch_size': 4, 'data.cache': False, 'data.shuffle_buffer': 8})
+  input_pipeline.prepare(config.data)
+  return config
+
+
+def test_a_truncated_jpeg_stops_the_run_with_its_key(broken_imagenet):
+  from resnet_jax import errors  # pylint: disable=import-outside-toplevel
+  inp = _input(broken_imagenet)
+  with pytest.raises(errors.DataError, match=r'The image of record imagenet2012-train\.tfrecord-'
+                     r'\d+-of-\d+__\d+ of imagenet2012 \(train\) is corrupt or truncated'):
+    list(itertools.islice(input_pipeline.train_iterator(broken_imagenet, inp), 10))

@@ -1,16 +1,15 @@
 """Start-up setting for glibc's malloc: back big allocations with huge pages.
 
-Why: XLA:CPU allocates each step's temporary buffers afresh (about 170 MB for a
-ResNet-20 step at 64 images per device), and glibc serves and frees blocks that
-big with mmap/munmap. So every step the kernel faults in and zeroes some 40,000
-new 4 KiB pages: 22% of a ResNet-20 step on one core of the development machine
-(`getrusage`: 41,000 minor faults and 75 ms of system time per 330 ms step).
-With the glibc tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) those blocks
-are marked MADV_HUGEPAGE, faults drop 80-fold and the step takes 264 ms.
+Why: XLA:CPU allocates each step's temporary buffers afresh, and glibc serves
+and frees blocks that big with mmap/munmap, so every step the kernel faults in
+and zeroes tens of thousands of new 4 KiB pages (docs/performance.md has the
+figures). With the glibc tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) those
+blocks are marked MADV_HUGEPAGE and the faults drop by far.
 
 glibc reads its tunables once, when a process starts, so the entry points
-(run.py, the CPU benchmarks) restart themselves with it set. This module
-imports only the standard library and must run before anything heavy.
+(run.py where the CPU plugin may run, the CPU benchmarks) restart themselves
+with it set. This module imports only the standard library and must run
+before anything heavy.
 """
 from __future__ import annotations
 

@@ -2,12 +2,9 @@
 
 Why: jaxlib's XLA:CPU links oneDNN and runs the custom call
 `__onednn$convolution` (a forward convolution) on it, but its own passes no
-longer rewrite convolutions to it; they go to YNNPACK or Eigen instead. For
-ResNet-20's channels-last float32 3x3 convs at batch 128, one core (AVX-512),
-oneDNN's forward takes 5.9 / 5.3 / 4.6 ms at 16 / 32 / 64 features against
-XLA's 11.8 (Eigen; 9.4 with inputs padded to 20 features) / 5.7 / 5.5 ms, and
-the input gradient, itself a forward conv with the kernel flipped, gains the
-same. PyTorch's CPU convolutions are oneDNN's too.
+longer rewrite convolutions to it; they go to YNNPACK or Eigen instead, which
+are slower for the narrow channels-last convs of ResNets (docs/performance.md
+has the figures). PyTorch's CPU convolutions are oneDNN's too.
 
 `conv_p` is a primitive that is bilinear like `lax.conv`, so `grad`, `jvp`,
 higher orders, `vmap` and `shard_map` work. Forward and tangents run on
@@ -17,10 +14,10 @@ oneDNN's backward-weights primitive through resnet_jax's own C++ extension
 (`kernel_grad_p`; csrc/onednn_kernel_grad.cc, built on first use by
 `onednn_ext`): XLA:CPU's custom call is a forward convolution only, and the
 kernel gradient posed as one picked oneDNN's reference implementation. A
-strided conv's input gradient uses XLA's own convolution (as one stride-1
-oneDNN conv per output phase, interleaved, it was no faster: the interleave
-slows the fusion that consumes it), as does every kernel gradient when the
-extension is unavailable (`kernel_gradient_problem`).
+strided conv's input gradient uses XLA's own convolution (one stride-1 oneDNN
+conv per output phase, interleaved, was tried: the interleave slows the fusion
+that consumes it), as does every kernel gradient when the extension is
+unavailable (`kernel_gradient_problem`).
 Under `jit` over a mesh both calls are partitioned over the batch dimension
 (`custom_partitioning`): each device convolves its own shard, and each sums
 the kernel gradient over its own shard before one all-reduce adds the shards.

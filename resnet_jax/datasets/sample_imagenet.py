@@ -66,8 +66,13 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_manual_dir(manual_dir: str, train_per_class: int = 4, num_val: int = 8,
-                     long_side: int = 500, seed: int = 0) -> list[str]:
-  """Writes the two tars; returns the synsets used (those of the first `num_val` val labels)."""
+                     long_side: int = 500, seed: int = 0, truncated: tuple[str, ...] = ()
+                     ) -> list[str]:
+  """Writes the two tars; returns the synsets used (those of the first `num_val` val labels).
+
+  `truncated`: names of train JPEGs (e.g. 'n01751748_2.JPEG') to cut to half
+  their length, as a broken download leaves them (tests of bad input).
+  """
   rng = np.random.default_rng(seed)
   labels = validation_labels()[:num_val]
   synsets = list(dict.fromkeys(labels))
@@ -79,7 +84,8 @@ def write_manual_dir(manual_dir: str, train_per_class: int = 4, num_val: int = 8
       inner = io.BytesIO()
       with tarfile.open(fileobj=inner, mode='w') as class_tar:
         for j in range(train_per_class):
-          _add(class_tar, f'{synset}_{j}.JPEG', random_view(photo_of[synset], rng, long_side))
+          name, payload = f'{synset}_{j}.JPEG', random_view(photo_of[synset], rng, long_side)
+          _add(class_tar, name, payload[:len(payload) // 2] if name in truncated else payload)
       _add(train, f'{synset}.tar', inner.getvalue())
   with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'), 'w') as val:
     for i, synset in enumerate(labels, start=1):
