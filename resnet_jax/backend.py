@@ -73,30 +73,42 @@ def choose_cpu_kernels(configured: str) -> Choice:
 
   'auto': on for the CPU backend where the plugin's checks pass; 'on': the
   same, but a failed check stops the run; 'off': XLA's own kernels. Process 0
-  decides; a host that cannot do what it chose stops the run with an error
-  that says which host and why (hosts that compiled different programs would
-  wait on each other forever).
+  decides (its mode, then what it can run); a host that cannot do what it
+  chose stops the run with an error that says which host and why (hosts that
+  compiled different programs would wait on each other forever).
   """
-  mode = cpu_kernel_mode(configured)
+  mode = _process_zero_mode(cpu_kernel_mode(configured))
   backend = jax.default_backend()
   if mode == 'off':
     source = f'${CPU_KERNELS_ENV}=off' if configured == 'auto' else 'config.cpu_kernels=off'
-    return Choice({}, f"off ({source}): XLA's kernels")
-  if backend != 'cpu':
+    choice = Choice({}, f"off ({source}): XLA's kernels")
+  elif backend != 'cpu':
     if mode == 'on':
       raise errors.ConfigError(f'config.cpu_kernels=on needs the CPU backend; this run is on '
                                f'{backend}. Use auto or off.')
-    return Choice({}, f"off: the {backend} backend's own kernels")
-  from resnet_jax import cpu  # pylint: disable=g-import-not-at-top  (only when enabled)
-  local = cpu.check()
-  chosen = _process_zero_choice(local)
-  if mode == 'on' and not chosen.convolutions:
-    raise errors.ConfigError(f'config.cpu_kernels=on, but the CPU plugin cannot run here: '
-                             f'{chosen.reason}. Use auto (falls back to XLA) or off.')
-  options = chosen.model_options()
-  description = chosen.describe()
-  logging.info('CPU kernels: %s.', description)
-  return Choice(options, description)
+    choice = Choice({}, f"off: the {backend} backend's own kernels")
+  else:
+    from resnet_jax import cpu  # pylint: disable=g-import-not-at-top  (only when enabled)
+    chosen = _process_zero_choice(cpu.check())
+    if mode == 'on' and not chosen.convolutions:
+      raise errors.ConfigError(f'config.cpu_kernels=on, but the CPU plugin cannot run here: '
+                               f'{chosen.reason}. Use auto (falls back to XLA) or off.')
+    choice = Choice(chosen.model_options(), chosen.describe())
+  logging.info('CPU kernels: %s.', choice.description)
+  return choice
+
+
+def _process_zero_mode(mode: str) -> str:
+  """Process 0's cpu_kernels mode, which every host follows."""
+  if jax.process_count() == 1:
+    return mode
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  modes = np.asarray(multihost_utils.process_allgather(
+      np.int32(CPU_KERNEL_MODES.index(mode)))).reshape(-1)
+  chosen = CPU_KERNEL_MODES[int(modes[0])]
+  if chosen != mode:
+    logging.warning('config.cpu_kernels: following process 0 (%s; this host: %s).', chosen, mode)
+  return chosen
 
 
 def _process_zero_choice(local: Any) -> Any:

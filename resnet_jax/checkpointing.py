@@ -10,6 +10,7 @@ which checkpoint is the best.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import re
@@ -40,6 +41,10 @@ RETRY_SECONDS = 2.0
 _CONTENT_ERRORS = (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)
 _CONTENT_MARKERS = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE', 'Error decoding',
                     'was not found in the checkpoint', 'No such file')
+# What storage and memory trouble looks like (retried; anything else is a bug: raised).
+_TRANSIENT_ERRORS = (OSError, TimeoutError, MemoryError, ConnectionError)
+_TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED',
+                      'CANCELLED', 'INTERNAL', 'UNKNOWN', 'PERMISSION_DENIED', 'UNAUTHENTICATED')
 _OK, _DAMAGED, _FAILED = 0, 1, 2  # restore outcomes, in the order hosts agree on them
 
 
@@ -50,15 +55,22 @@ def content_damage(error: BaseException) -> str | None:
   metadata are content damage; anything else (permissions, timeouts, transient
   read errors, memory) is not, and must never get a checkpoint moved aside.
   """
-  while error is not None:
+  while error is not None:  # the error and its explicit causes, not what it was raised during
     message = str(error)
     if isinstance(error, _CONTENT_ERRORS) or (
         isinstance(error, OSError) and error.errno == errno.ENOENT):
       return f'{type(error).__name__}: {_summary(message)}'
     if isinstance(error, (KeyError, ValueError)) and any(m in message for m in _CONTENT_MARKERS):
       return f'{type(error).__name__}: {_summary(message)}'
-    error = error.__cause__ or error.__context__
+    error = error.__cause__
   return None
+
+
+def transient(error: BaseException) -> bool:
+  """Whether `error` looks like storage or memory trouble that may pass (worth a retry)."""
+  return isinstance(error, _TRANSIENT_ERRORS) or (
+      isinstance(error, (ValueError, RuntimeError))
+      and any(str(error).lstrip().startswith(m) for m in _TRANSIENT_MARKERS))
 
 
 def _first_line(message: str) -> str:
@@ -87,7 +99,10 @@ def _agree(outcome: int) -> int:
   if jax.process_count() == 1:
     return outcome
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+  agreed = int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+  if agreed not in (_OK, _DAMAGED, _FAILED):
+    raise RuntimeError(f'The hosts disagree on restoring a checkpoint (got {agreed}).')
+  return agreed
 
 
 class Checkpoints:
@@ -107,6 +122,22 @@ class Checkpoints:
             preservation_policy=policy,
             best_fn=error, best_mode='min',  # makes orbax store the metrics with each step
             enable_async_checkpointing=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'loop': ocp.JsonCheckpointHandler()})
+
+  @functools.cached_property
+  def reader(self) -> ocp.CheckpointManager:
+    """The manager that restores: on several hosts one per host, without orbax's barrier
+    at the end of a restore, so that a host whose read fails never leaves the others
+    waiting there (the hosts then agree on what to do with `_agree`)."""
+    if jax.process_count() == 1:
+      return self.manager
+    index = jax.process_index()
+    return ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=index, active_processes={index})),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'loop': ocp.JsonCheckpointHandler()})
 
@@ -178,7 +209,8 @@ class Checkpoints:
     """
     step_dir = self.directory / str(step)
     try:
-      saved = self.manager.item_metadata(step).get('state')
+      self.reader.reload()
+      saved = self.reader.item_metadata(step).get('state')
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
       _raise_damaged(step_dir, e)
       raise
@@ -192,7 +224,7 @@ class Checkpoints:
           'Restore it with the config it was trained with (--mode=eval uses WORKDIR/config.json '
           'unless --config is given), or train in a new workdir.')
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
+      restored = self.reader.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       _raise_damaged(step_dir, e)
@@ -207,12 +239,12 @@ class Checkpoints:
     """
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-      saved = self.manager.item_metadata(step).get('state')
+      saved = self.reader.item_metadata(step).get('state')
       if saved is None:
         raise DamagedCheckpointError(self.directory / str(step), 'its state item has no metadata')
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             saved)
-      restored = self.manager.restore(step, args=ocp.args.Composite(
+      restored = self.reader.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target)))
     except CheckpointError:
       raise
@@ -232,6 +264,8 @@ class Checkpoints:
       except CheckpointError:
         raise  # does not fit the model: the config is wrong, nothing is damaged
       except Exception as e:  # pylint: disable=broad-except
+        if not transient(e):
+          raise  # a bug, not the storage: its traceback matters
         if attempt == RESTORE_ATTEMPTS:
           return _FAILED, e
         logging.warning('Restoring the checkpoint at step %d failed (attempt %d of %d: %s: %s); '
@@ -262,9 +296,11 @@ class Checkpoints:
       if agreed == _DAMAGED:
         logging.warning('%s', result if outcome == _DAMAGED else
                         f'The checkpoint at step {step} is damaged on another host.')
-        self._move_aside(step, str(result) if outcome == _DAMAGED else 'damaged on another host')
+        self.move_aside(step, str(result) if outcome == _DAMAGED else 'damaged on another host')
         damaged.append(step)
         continue
+      if outcome != _OK:
+        raise RuntimeError(f'Restoring step {step}: agreed {agreed}, but this host saw {outcome}.')
       if damaged:
         logging.warning('Resuming from step %d: the newer checkpoints %s are damaged and were '
                         'moved to %s.', step, damaged, self._damaged_dir)
@@ -280,13 +316,15 @@ class Checkpoints:
   def _damaged_dir(self) -> epath.Path:
     return self.directory.parent / 'damaged_checkpoints'
 
-  def _move_aside(self, step: int, why: str) -> None:
+  def move_aside(self, step: int, why: str) -> None:
+    """Moves a checkpoint proven bad to WORKDIR/damaged_checkpoints/, with a note saying why."""
+    self.wait()
     if jax.process_index() == 0:
       self._damaged_dir.mkdir(parents=True, exist_ok=True)
       target = self._damaged_dir / f'{step}-{int(time.time())}'
       (self.directory / str(step)).rename(target)
       (target / 'WHY_DAMAGED.txt').write_text(why + '\n')
-      logging.warning('Moved the damaged checkpoint at step %d to %s.', step, target)
+      logging.warning('Moved the checkpoint at step %d to %s: %s', step, target, why)
     _sync('resnet_jax: damaged checkpoint moved')
     self.manager.reload()
 

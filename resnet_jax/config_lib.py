@@ -16,9 +16,8 @@ from resnet_jax import paths
 # load (the CPU speed-ups they named now come from config.cpu_kernels).
 RETIRED_FIELDS = ('model.materialize_blocks', 'model.pad_narrow_convs', 'model.onednn_convs',
                   'model.onednn_kernel_grads')
-# What a run recorded about the machine it ran on: informative, never re-applied
-# (an evaluation on another machine decides afresh).
-MACHINE_FIELDS = ('cpu_kernels', 'cpu_kernels_used')
+# What a run recorded about the machine it ran on: informative, never re-applied.
+MACHINE_FIELDS = ('cpu_kernels_used',)
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -40,6 +39,8 @@ def load_saved_config(workdir: Any, default: ml_collections.ConfigDict,
     raise errors.ConfigError(f'{path} does not exist: pass --config=... (the config the '
                              'checkpoint was trained with), or train in this workdir first.')
   saved = paths.read_json(path)
+  if saved.get('cpu_kernels') != 'off':  # 'on' or 'auto': decided afresh on this machine
+    saved.pop('cpu_kernels', None)
   for dotted in RETIRED_FIELDS + MACHINE_FIELDS:
     *parents, leaf = dotted.split('.')
     node = saved

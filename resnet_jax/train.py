@@ -65,11 +65,16 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
   dropped, since the resumed run writes them again.
   """
 
-  def __init__(self, path: epath.Path, resume_step: int | None = None):
+  def __init__(self, path: epath.Path, resume_step: int | None = None,
+               eval_pending: bool = False):
     self.path = path
     if resume_step is not None and path.exists():
+      def kept(line: dict[str, Any]) -> bool:
+        if eval_pending and line['step'] == resume_step:  # it is evaluated again
+          return not any(key.startswith('eval_') for key in line)
+        return line['step'] <= resume_step
       keep = [line + '\n' for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line)['step'] <= resume_step]
+              if line.strip() and kept(json.loads(line))]
       path.write_text(''.join(keep))
     elif path.exists():
       path.unlink()
@@ -239,14 +244,19 @@ def evaluate(strategy: parallel.Parallel, state: Any, batches: Iterable[dict[str
   each counted once.
 
   `stop` is asked before each batch (a preemption); when it says yes the
-  evaluation ends early and returns None.
+  evaluation ends early and returns None, with at most two batches left to
+  finish on the devices.
   """
-  sums = None
+  sums, in_flight = None, collections.deque()
   for batch in batches:
     if stop():
       return None
     m = strategy.eval_step(state, strategy.put_batch(batch))
     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    # At most two batches queued on the devices: a stop never waits for the whole split.
+    in_flight.append(sums)
+    if len(in_flight) > 2:
+      jax.block_until_ready(in_flight.popleft())
   host = strategy.metrics_to_host(sums)
   out = {f'eval_{k}': float(v) for k, v in clu_metrics_from_sums(host).compute().items()}
   out['eval_num_examples'] = host['count']
@@ -274,13 +284,14 @@ def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints
   return strategy.replicate(state), step, loop
 
 
-def create_writer(workdir: epath.Path, resume_step: int | None) -> metric_writers.MetricWriter:
+def create_writer(workdir: epath.Path, resume_step: int | None,
+                  eval_pending: bool = False) -> metric_writers.MetricWriter:
   """TensorBoard + logging + metrics.jsonl on the first host; logging elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(just_logging=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(str(workdir)),
-      JsonlWriter(workdir / 'metrics.jsonl', resume_step)])
+      JsonlWriter(workdir / 'metrics.jsonl', resume_step, eval_pending)])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -295,11 +306,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
   state, step, loop = restore_or_init(strategy, ckpt, config.seed)
   save_config(config, workdir, run.cpu_kernels_used)
-  writer = create_writer(workdir, step if step else None)
-  if step == 0:
-    writer.write_hparams(_flatten(config))
   # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
   pending_eval = bool(loop.get('pending_eval'))
+  writer = create_writer(workdir, step if step else None, pending_eval)
+  if step == 0:
+    writer.write_hparams(_flatten(config))
 
   if step >= steps_total and not pending_eval:
     logging.warning('%s is already trained for %d steps (config: %d); nothing to do. Raise '
@@ -354,10 +365,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   stop=preemption.reached)
         if step_metrics is None:  # SIGTERM: save now, evaluate this state after the restart
           logging.warning('SIGTERM during the evaluation at step %d: stopped it to save.', step)
-          with clock.paused(state):
-            _save(ckpt, strategy, step, state, window, pending_eval=True)
+          if not resumed_eval:  # (a resumed one's checkpoint is saved already)
+            with clock.paused(state):
+              _save(ckpt, strategy, step, state, window, pending_eval=True)
           preempted = True
           break
+        if resumed_eval and not math.isfinite(step_metrics['eval_loss']):
+          # The saved state itself is diverged: restarting would evaluate it again.
+          ckpt.move_aside(step, f'diverged: its evaluation (pending when SIGTERM stopped it) '
+                                f'gave the loss {step_metrics["eval_loss"]}')
         _check_finite('eval', step_metrics['eval_loss'], step, ckpt)
         eval_metrics = step_metrics
         writer.write_scalars(step, eval_metrics)

@@ -123,6 +123,15 @@ def test_sigterm_during_a_slow_evaluation_saves_at_once_and_resumes_exactly(tmp_
   assert elapsed < 12, elapsed  # the whole evaluation would take 18 s
   assert saved_state(workdir)[0] == 6
   assert not [line for line in results(workdir) if 'eval_loss' in line]
+  # Stopped again while the restarted run evaluates step 6 first: nothing new to save.
+  started.unlink()
+  process = _start(workdir, args, prelude=SLOW_EVAL, env={'EVAL_STARTED': str(started)})
+  _wait_for(process, started.exists)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'SIGTERM during the evaluation at step 6' in stderr and 'Traceback' not in stderr
+  assert saved_state(workdir)[0] == 6
   _assert_resumes_exactly(workdir, args, straight)
 
 

@@ -269,3 +269,19 @@ def test_a_truncated_jpeg_stops_the_run_with_its_key(broken_imagenet):
   with pytest.raises(errors.DataError, match=r'The image of record imagenet2012-train\.tfrecord-'
                      r'\d+-of-\d+__\d+ of imagenet2012 \(train\) is corrupt or truncated'):
     list(itertools.islice(input_pipeline.train_iterator(broken_imagenet, inp), 10))
+
+
+def test_the_train_pipeline_draws_the_configured_shorter_sides(monkeypatch):
+  """The paper's recipe asks for S in [256, 480]: that is what the pipeline samples from."""
+  from configs import imagenet  # pylint: disable=import-outside-toplevel
+  config = imagenet.get_config('resnet50')
+  asked = []
+  real = pp.sample_shorter_sides
+  monkeypatch.setattr(pp, 'sample_shorter_sides',
+                      lambda seed, num, low, high: asked.append((low, high)) or real(
+                          seed, num, low, high))
+  preprocess = input_pipeline.train_preprocess(config.data, 'image', 'label')
+  image = tf.io.encode_jpeg(tf.zeros((300, 400, 3), tf.uint8))
+  out = preprocess({'image': image, 'label': 3}, tf.constant([1, 2], tf.int64))
+  assert out['image'].shape == (224, 224, 3) and out['image'].dtype == tf.uint8
+  assert set(asked) == {(256, 480)}

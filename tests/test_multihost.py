@@ -12,7 +12,7 @@ import numpy as np
 import jax
 
 from tests import helpers
-from tests.test_checkpoints import assert_same_state, results, saved_state
+from tests.test_checkpoints import SLOW_EVAL, assert_same_state, results, saved_state
 
 # BN statistics per device (groups of 2), a small learning rate and few steps: the
 # 2-process run is compared with 1 process step by step. (On CPU the 2-process run
@@ -33,10 +33,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_hosts(workdir, *args, host_env=({}, {})):
+def _start_hosts(workdir, *args, host_env=({}, {}), prelude=''):
   """run.py as 2 processes on 127.0.0.1 with 4 CPU devices each (logs in files: no pipe fills)."""
   port = _free_port()
-  code = ('import runpy, sys\nsys.argv = ["run.py"] + sys.argv[1:]\n'
+  code = (f'{prelude}\nimport runpy, sys\nsys.argv = ["run.py"] + sys.argv[1:]\n'
           f'runpy.run_path({os.path.join(helpers.REPO, "run.py")!r}, run_name="__main__")\n')
   hosts = []
   for i in range(2):
@@ -97,28 +97,71 @@ def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_
   assert np.isclose(result['top1_error'], final['eval_top1_error'])
 
 
-def test_sigterm_on_one_host_stops_both_at_one_step_then_they_resume_exactly(tmp_path, digits_dir):
-  """JAX's preemption sync manager: host 1 gets SIGTERM, both hosts save the same step."""
-  args = [f'--config.data.data_dir={digits_dir}', *ARGS[1:], '--config.num_train_steps=12',
-          '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6']
-  straight, preempted = tmp_path / 'straight', tmp_path / 'preempted'
-  _finish(_start_hosts(straight, *args))
-
-  hosts = _start_hosts(preempted, *args)
-  metrics = preempted / 'metrics.jsonl'
+def _preempt(hosts, ready):
   deadline = time.time() + 300
-  while not (metrics.exists() and '"train_loss"' in metrics.read_text()):  # past step 1
+  while not ready():
     assert all(h.poll() is None for h, _ in hosts) and time.time() < deadline
     time.sleep(0.05)
   hosts[1][0].send_signal(signal.SIGTERM)
   logs = _finish(hosts)
   stops = [re.findall(r'SIGTERM: saved a checkpoint at step (\d+)', log) for log in logs]
   assert stops[0] == stops[1] and len(stops[0]) == 1, logs[0][-3000:]
-  assert 1 <= int(stops[0][0]) < 12 and saved_state(preempted)[0] == int(stops[0][0])
+  return int(stops[0][0]), logs
 
-  _finish(_start_hosts(preempted, *args))  # the same command on both hosts continues
-  step, resumed = saved_state(preempted)
-  _, expected = saved_state(straight)
-  assert step == 12
-  assert_same_state(resumed, expected)
-  assert results(preempted) == results(straight)
+
+def test_sigterm_on_one_host_stops_both_at_one_step_then_they_resume_exactly(tmp_path, digits_dir):
+  """JAX's preemption sync manager: host 1 gets SIGTERM, both hosts save the same step, in
+  training and in an evaluation (which they stop at the same batch)."""
+  args = [f'--config.data.data_dir={digits_dir}', *ARGS[1:], '--config.num_train_steps=12',
+          '--config.eval_every_steps=6', '--config.checkpoint_every_steps=6']
+  straight = tmp_path / 'straight'
+  _finish(_start_hosts(straight, *args))
+
+  preempted = tmp_path / 'preempted'
+  metrics = preempted / 'metrics.jsonl'
+  step, _ = _preempt(_start_hosts(preempted, *args),
+                     lambda: metrics.exists() and '"train_loss"' in metrics.read_text())
+  assert 1 <= step < 12 and saved_state(preempted)[0] == step
+
+  started = tmp_path / 'eval_started'
+  during_eval = tmp_path / 'during_eval'
+  hosts = _start_hosts(during_eval, *args, prelude=SLOW_EVAL,
+                       host_env=({'EVAL_STARTED': str(started)}, {'EVAL_STARTED': '/dev/null'}))
+  step, logs = _preempt(hosts, started.exists)
+  assert step == 6 and all('SIGTERM during the evaluation at step 6' in log for log in logs)
+
+  for workdir in (preempted, during_eval):
+    _finish(_start_hosts(workdir, *args))  # the same command on both hosts continues
+    last, resumed = saved_state(workdir)
+    _, expected = saved_state(straight)
+    assert last == 12
+    assert_same_state(resumed, expected)
+    assert results(workdir) == results(straight)
+
+
+FAIL_RESTORE = """
+import os
+import orbax.checkpoint as ocp
+from resnet_jax import checkpointing
+checkpointing.RETRY_SECONDS = 0.01
+if os.environ.get('FAIL_RESTORE'):
+  def _fail(*args, **kwargs):
+    raise ValueError('UNAVAILABLE: reading the bucket timed out (a test)')
+  ocp.CheckpointManager.restore = _fail
+"""
+
+
+def test_a_restore_that_fails_on_one_host_stops_every_host_and_moves_nothing(tmp_path, digits_dir):
+  args = [f'--config.data.data_dir={digits_dir}', *ARGS[1:], '--config.num_train_steps=2',
+          '--config.checkpoint_every_steps=2', '--config.eval_every_steps=2']
+  _finish(_start_hosts(tmp_path, *args))
+  hosts = _start_hosts(tmp_path, *args[:-3], '--config.num_train_steps=4', prelude=FAIL_RESTORE,
+                       host_env=({}, {'FAIL_RESTORE': '1'}))
+  logs = _finish(hosts, check=False)
+  assert [process.returncode for process, _ in hosts] == [1, 1], logs[1][-3000:]
+  for log in logs:
+    assert 'Could not restore the checkpoint at step 2' in log and 'Nothing was moved' in log
+  assert 'UNAVAILABLE: reading the bucket timed out' in logs[1]
+  assert 'it failed on another host' in logs[0]
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']
+  assert not (tmp_path / 'damaged_checkpoints').exists()

@@ -270,6 +270,31 @@ def test_non_finite_eval_loss_stops_training_and_is_never_saved(tmp_path, digits
   assert [line['step'] for line in lines if 'eval_loss' in line] == [2]
 
 
+def test_a_pending_evaluation_that_diverges_moves_its_checkpoint_aside(tmp_path, digits_dir,
+                                                                       monkeypatch):
+  """SIGTERM stopped the evaluation of step 4; after the restart that evaluation gives NaN:
+  the saved state is diverged, so it goes to damaged_checkpoints and the next run resumes
+  from step 3 (instead of evaluating the bad state again at every restart)."""
+  real_evaluate = train.evaluate
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'num_train_steps': 6,
+                                   'eval_every_steps': 4, 'checkpoint_every_steps': 1})
+  monkeypatch.setattr(train, 'evaluate', lambda *args, **kwargs: None)  # as SIGTERM stops it
+  with pytest.raises(train.Preempted, match='saved a checkpoint at step 4'):
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(train, 'evaluate', lambda *args, **kwargs: {
+      **real_evaluate(*args, **kwargs), 'eval_loss': float('nan')})
+  with pytest.raises(errors.DivergedError, match='The last good checkpoint is at step 3'):
+    train.train_and_evaluate(config, str(tmp_path))
+  (moved,) = os.listdir(tmp_path / 'damaged_checkpoints')
+  assert moved.startswith('4-')
+  assert 'diverged' in (tmp_path / 'damaged_checkpoints' / moved / 'WHY_DAMAGED.txt').read_text()
+  monkeypatch.setattr(train, 'evaluate', real_evaluate)
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = helpers.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [line['step'] for line in lines if 'eval_loss' in line] == [4, 6]
+  assert [line['step'] for line in lines if 'train_loss' in line] == [2, 4, 6]
+
+
 def test_images_per_sec_counts_training_steps_only(tmp_path, digits_dir, monkeypatch):
   """Evaluation and checkpoint saves (here made 3 s slower) are not training time."""
   real_evaluate, real_save = train.evaluate, checkpointing.Checkpoints.save

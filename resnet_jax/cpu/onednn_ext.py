@@ -2,8 +2,8 @@
 
 The extension is compiled on first use with the system's C++ compiler (`$CXX`,
 else g++) against jaxlib's FFI headers and the oneDNN of the pip packages
-`onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (project dependencies on x86-64
-Linux), and cached under `$RESNET_JAX_CACHE` (default
+`onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (the `cpu` extra: pip install
+'resnet-jax[cpu]', x86-64 Linux), and cached under `$RESNET_JAX_CACHE` (default
 `~/.cache/resnet_jax`), keyed by a hash of the source, the jaxlib version, the
 oneDNN library and the command; processes that build it at the same time each
 write their own file and rename it into place. `load()` raises
@@ -38,7 +38,8 @@ def _package_file(distribution: str, suffix: str) -> pathlib.Path:
     files = importlib.metadata.files(distribution) or []
   except importlib.metadata.PackageNotFoundError:
     raise ExtensionError(f'the pip package {distribution} is not installed '
-                         f'(pip install {distribution}=={ONEDNN_VERSION})') from None
+                         f"(pip install -e '.[cpu]' in resnet_jax's checkout, or pip install "
+                         f'{distribution}=={ONEDNN_VERSION})') from None
   for f in files:
     if str(f).endswith(suffix):
       path = pathlib.Path(f.locate()).resolve()

@@ -11,7 +11,7 @@ The builder labels validation images by position (sorted names zipped with
 its `validation_labels.txt`), so the K validation images are exactly the first
 K names and image i shows the photo of synset `validation_labels[i - 1]`.
 
-    python -m resnet_jax.sample_imagenet MANUAL_DIR [--train_per_class 4] [--val 8]
+    python -m resnet_jax.datasets.sample_imagenet MANUAL_DIR [--train_per_class 4] [--val 8]
 """
 from __future__ import annotations
 
