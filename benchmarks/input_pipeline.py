@@ -125,7 +125,7 @@ def prepare(data_dir: str, train_images: int) -> tuple[int, int]:
     sample_imagenet.write_manual_dir(manual, train_per_class=-(-train_images // classes),
                                      num_val=num_val, long_side=500)
     config.data.manual_dir = manual
-    input_pipeline.prepare(config.data)
+    builder = input_pipeline.prepare(config.data)
     shutil.rmtree(manual)
   splits = builder.info.splits
   return splits['train'].num_examples, splits['validation'].num_examples

@@ -145,7 +145,8 @@ def _train_or_sweep(mode: str, config: ml_collections.ConfigDict, workdir: str,
     return
   from resnet_jax import sweep  # pylint: disable=g-import-not-at-top
   rows = sweep.run_sweep(config, config_path, workdir)
-  print(sweep.summary_path(workdir, 'md').read_text())
+  if sweep.jax.process_index() == 0:
+    print(sweep.summary_path(workdir, 'md').read_text())
   if any(r['status'] != 'finished' for r in rows):
     raise SystemExit('error: some sweep members failed; see the log above.')
 

@@ -488,8 +488,6 @@ def train_dataset(config: Any, inp: Input, start_step: int = 0) -> tf.data.Datas
               'takes': tf.TensorSpec([None], tf.int64), 'shuffle_seed': tf.TensorSpec([], tf.int64),
               'epoch_seed': tf.TensorSpec([], tf.int64), 'first': tf.TensorSpec([], tf.int64),
               'skip': tf.TensorSpec([], tf.int64), 'take': tf.TensorSpec([], tf.int64)})
-      features = builder.info.features
-
       def read(group):
         records = tf.data.Dataset.from_tensor_slices(
             (group['files'], group['skips'], group['takes'])).interleave(
@@ -499,20 +497,25 @@ def train_dataset(config: Any, inp: Input, start_step: int = 0) -> tf.data.Datas
         records = records.shuffle(tf.reduce_sum(group['takes']), seed=group['shuffle_seed'],
                                   reshuffle_each_iteration=False)
         records = records.take(group['take']).enumerate().skip(group['skip'])
-        return records.map(lambda i, r: (group['epoch_seed'], group['first'] + i,
-                                         features.deserialize_example(r, decoders=decoders)))
+        return records.map(lambda i, r: (group['epoch_seed'], group['first'] + i, r))
       # Two groups at a time: the next one's buffer fills while this one is served.
       examples = groups.interleave(read, cycle_length=2, block_length=group_size,
                                    num_parallel_calls=2, deterministic=True)
-    examples = examples.map(augmented, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    parse = (lambda r: r) if data.cache else (
+        lambda r: builder.info.features.deserialize_example(r, decoders=decoders))
+    examples = examples.map(lambda seed, i, x: augmented(seed, i, parse(x)),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return examples.batch(inp.shard_batch_size, drop_remainder=True)
 
   def concat(*parts):
     return tf.nest.map_structure(lambda *x: tf.concat(x, axis=0), *parts)
 
-  ds = tf.data.Dataset.zip(tuple(shard_stream(s) for s in inp.shards))
-  ds = ds.map(concat, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_dataset_options(data))
+  if len(inp.shards) == 1:
+    ds = shard_stream(inp.shards[0])
+  else:
+    ds = tf.data.Dataset.zip(tuple(shard_stream(s) for s in inp.shards))
+    ds = ds.map(concat, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_dataset_options(data))
 
 
 def train_iterator(config: Any, inp: Input, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:

@@ -11,9 +11,7 @@ The paper's scale augmentation is computed crop first: the 224x224 crop of
 the image resized to shorter side S is mapped back to a window of source
 pixels, only that window is decoded (`decode_and_crop_jpeg`, with the JPEG
 decoder's DCT downscaling where the window is at least twice the output) and
-only the window is resized, with the same antialiased bilinear filter at the
-same sample positions as resizing the whole image. Non-JPEG images take the
-resize-then-crop path.
+only the window is resized. Non-JPEG images take the resize-then-crop path.
 """
 from __future__ import annotations
 
@@ -46,14 +44,24 @@ def decode(image: tf.Tensor) -> tf.Tensor:
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
   """float [0, 255] (a resize's output) -> uint8, rounded to the nearest value."""
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  return tf.saturate_cast(image + 0.5, tf.uint8)
+
+
+def _bilinear(image: tf.Tensor, size: tf.Tensor | tuple[int, int]) -> tf.Tensor:
+  """Bilinear resize with pixel centres at half-integers; float [0, 255] out.
+
+  No antialiasing, as in the standard ImageNet recipes: at the paper's
+  scales (shorter side 256 to 480 from about 375) it barely aliases, and the
+  antialiased filter costs several times more per image.
+  """
+  return tf.image.resize(image, size, method='bilinear')
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """uint8 -> uint8 of size x size (antialiased bilinear), unless already that shape."""
+  """uint8 -> uint8 of size x size, unless already that shape."""
   if image.shape[0] == size and image.shape[1] == size:
     return image
-  return to_uint8(tf.image.resize(image, (size, size), method='bilinear', antialias=True))
+  return to_uint8(_bilinear(image, (size, size)))
 
 
 def scaled_shape(shape: tf.Tensor, side: tf.Tensor | int) -> tf.Tensor:
@@ -65,9 +73,8 @@ def scaled_shape(shape: tf.Tensor, side: tf.Tensor | int) -> tf.Tensor:
 
 
 def resize_shorter_side(image: tf.Tensor, side: tf.Tensor | int) -> tf.Tensor:
-  """Resizes (antialiased bilinear) so that the shorter side is `side`; float [0, 255] out."""
-  return tf.image.resize(image, scaled_shape(tf.shape(image), side), method='bilinear',
-                         antialias=True)
+  """Resizes so that the shorter side is `side`; float [0, 255] out."""
+  return _bilinear(image, scaled_shape(tf.shape(image), side))
 
 
 def sample_shorter_sides(seed: tf.Tensor, num: int | tuple[int, ...], min_side: int,
@@ -98,52 +105,49 @@ def scale_and_crop(image: tf.Tensor, size: int, side: tf.Tensor, top: tf.Tensor,
   return to_uint8(resized[top:top + size, left:left + size])
 
 
-def _window(start: tf.Tensor, size: int, scale: tf.Tensor, length: tf.Tensor
-            ) -> tuple[tf.Tensor, tf.Tensor]:
-  """The source pixels [first, last) that `size` output pixels from `start` of an image
-  resized by `scale` depend on: the bilinear (triangle) kernel's reach, widened by
-  1/scale when it antialiases, and a pixel more (a cropped JPEG decode differs from a
-  full one at the window's edges only)."""
-  reach = tf.maximum(1.0, 1.0 / scale)
-  start = tf.cast(start, tf.float32)
-  low = (start + 0.5) / scale - 0.5 - reach
-  high = (start + size - 0.5) / scale - 0.5 + reach
-  first = tf.clip_by_value(tf.cast(tf.floor(low), tf.int32) - 1, 0, length - 1)
-  last = tf.clip_by_value(tf.cast(tf.math.ceil(high), tf.int32) + 2, first + 1, length)
-  return first, last
+def source_window(shape: tf.Tensor, size: int, side: tf.Tensor, top: tf.Tensor, left: tf.Tensor,
+                  ratio: int = 1) -> tuple[tf.Tensor, tf.Tensor]:
+  """Where the size x size crop at (top, left) of an image of `shape` resized to shorter
+  side `side` lies in the image decoded with DCT ratio `ratio`: (start, extent) in whole
+  pixels, (row, column) each. The exact window is [top / s, (top + size) / s) at
+  scale s; rounding moves its edges by at most half a pixel."""
+  shape = tf.cast(shape[:2], tf.int32)
+  scale = tf.cast(scaled_shape(shape, side), tf.float32) / tf.cast(shape, tf.float32) * ratio
+  dims = -(-shape // ratio)  # the decoder rounds up
+  offset = tf.cast(tf.stack([top, left]), tf.float32)
+  start = tf.minimum(tf.cast(tf.round(offset / scale), tf.int32), dims - 1)
+  extent = tf.clip_by_value(tf.cast(tf.round(size / scale), tf.int32), 1, dims - start)
+  return start, extent
+
+
+def dct_ratio(shape: tf.Tensor, side: tf.Tensor) -> tf.Tensor:
+  """Index into DCT_RATIOS of the largest JPEG DCT downscaling that leaves the crop's window
+  at least the output's size (1 unless the window is at least twice the output)."""
+  scale = tf.cast(scaled_shape(shape, side), tf.float32) / tf.cast(shape[:2], tf.float32)
+  return tf.reduce_sum(tf.cast(
+      tf.reduce_min(scale) * tf.constant(DCT_RATIOS[1:], tf.float32) <= 1.0, tf.int32))
 
 
 def crop_first_scale(encoded: tf.Tensor, size: int, side: tf.Tensor, top: tf.Tensor,
                      left: tf.Tensor) -> tf.Tensor:
   """`scale_and_crop` of a JPEG, decoding and resizing only the crop's window; uint8 out.
 
-  The window is resized with `ScaleAndTranslate` at the sample positions of the
-  whole-image resize. With DCT downscaling by r the decoder averages r x r
-  blocks first (close to, not bit-equal to, the reference).
+  The window (`source_window`) is decoded, by the JPEG decoder's DCT
+  downscaling by r in 2, 4, 8 where it is at least twice the output (r x r
+  blocks averaged), and resized to size x size: the reference up to
+  interpolation and the sub-pixel rounding of the window's edges.
   """
-  shape = tf.io.extract_jpeg_shape(encoded)[:2]
-  scale = tf.cast(scaled_shape(shape, side), tf.float32) / tf.cast(shape, tf.float32)
-  # The largest DCT factor that leaves the window at least the output's size.
-  smallest = tf.reduce_min(scale)
-  index = tf.reduce_sum(tf.cast(smallest * tf.constant(DCT_RATIOS[1:], tf.float32) <= 1.0,
-                                tf.int32))
+  shape = tf.io.extract_jpeg_shape(encoded)
 
   def decode_with(ratio: int):
     def fn():
-      dims = -(-shape // ratio)  # the decoder rounds up
-      effective = scale * ratio
-      y0, y1 = _window(top, size, effective[0], dims[0])
-      x0, x1 = _window(left, size, effective[1], dims[1])
-      window = tf.io.decode_and_crop_jpeg(encoded, tf.stack([y0, x0, y1 - y0, x1 - x0]),
-                                          channels=3, ratio=ratio)
-      translation = effective * tf.cast(tf.stack([y0, x0]), tf.float32) - tf.cast(
-          tf.stack([top, left]), tf.float32)
-      return tf.raw_ops.ScaleAndTranslate(
-          images=tf.cast(window, tf.float32)[None], size=[size, size], scale=effective,
-          translation=translation, kernel_type='triangle', antialias=True)[0]
+      start, extent = source_window(shape, size, side, top, left, ratio)
+      window = tf.io.decode_and_crop_jpeg(encoded, tf.concat([start, extent], 0), channels=3,
+                                          ratio=ratio)
+      return _bilinear(window, (size, size))
     return fn
 
-  image = tf.switch_case(index, [decode_with(ratio) for ratio in DCT_RATIOS])
+  image = tf.switch_case(dct_ratio(shape, side), [decode_with(r) for r in DCT_RATIOS])
   return to_uint8(tf.ensure_shape(image, (size, size, 3)))
 
 
@@ -202,7 +206,7 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor,
   y, x, _ = tf.unstack(begin)
   h, w, _ = tf.unstack(crop_size)
   image = tf.image.decode_and_crop_jpeg(encoded, tf.stack([y, x, h, w]), channels=3)
-  return to_uint8(tf.image.resize(image, (size, size), method='bilinear', antialias=True))
+  return to_uint8(_bilinear(image, (size, size)))
 
 
 def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:

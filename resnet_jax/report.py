@@ -157,7 +157,9 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
   if not names:
     raise errors.ConfigError(f'{sweep_dir} has no member directories with metrics.jsonl: run '
                      '--mode=sweep (or point --workdir at a sweep directory).')
-  plot_curves(sweep_dir, names, sweep_dir / 'curves.png')
+  writer = jax.process_index() == 0  # on several hosts, one writes
+  if writer:
+    plot_curves(sweep_dir, names, sweep_dir / 'curves.png')
   rows, responses = [], {}
   for name in names:
     member_dir = sweep_dir / name
@@ -170,10 +172,12 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
                  **results})
     if (member_dir / 'checkpoints').is_dir():
       responses[name] = layer_response_stds(config, run, member_dir)
-  sweep.write_summary(sweep_dir, rows)
+  if writer:
+    sweep.write_summary(sweep_dir, rows)
   written = ['curves.png', 'summary.md', 'summary.csv']
   if responses:
-    paths.write_json(sweep_dir / 'layer_responses.json', responses)
-    plot_responses(responses, sweep_dir / 'layer_responses.png')
+    if writer:
+      paths.write_json(sweep_dir / 'layer_responses.json', responses)
+      plot_responses(responses, sweep_dir / 'layer_responses.png')
     written += ['layer_responses.png', 'layer_responses.json']
   return {'sweep_dir': str(sweep_dir), 'members': names, 'written': written}

@@ -22,6 +22,7 @@ import json
 import traceback
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
 from etils import epath
@@ -107,7 +108,8 @@ def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -
       status = 'failed'
     rows.append({'member': name, 'model': config.model.name, 'status': status,
                  **final_results(member_dir)})
-    write_summary(workdir, rows)
+    if jax.process_index() == 0:  # on several hosts, one writes
+      write_summary(workdir, rows)
   return rows
 
 
