@@ -1,26 +1,32 @@
-"""Paper-style figures for a sweep: error curves (Figs. 4 and 6) and layer responses (Fig. 7).
+"""Paper-style figures for a sweep: error curves (Figs. 4 and 6), layer responses (Fig. 7) and
+the backward signal through the layers (Sec. 4.2's argument that plain nets do not fail by
+vanishing gradients).
 
 `python run.py --mode=report --workdir=SWEEP_DIR` reads every member's
-metrics.jsonl and writes, beside the sweep's summary:
+metrics.jsonl and checkpoints and writes, beside the sweep's summary:
 - `curves.png`: training error (thin, dashed) and test error (bold) against
   iterations, plain nets on the left and residual nets on the right;
-- `layer_responses.png` and `layer_responses.json`: for each member's final
-  checkpoint, the standard deviation of every 3x3 layer's response (the BN
-  output, before the addition and the ReLU) on eval data, in layer order and
-  sorted by magnitude;
-- `summary.md` / `summary.csv` (refreshed).
+- `layer_responses.png`: for each member's last checkpoint, the std of every
+  3x3 layer's response (its BN output, before the addition and the ReLU) on
+  a fixed batch of eval images, in layer order and sorted by magnitude, with
+  the running statistics (eval mode, as Fig. 7; solid) and with the batch's
+  own (train mode; dotted);
+- `layer_gradients.png`: the norm of the gradient of the training loss with
+  respect to each 3x3 layer's output, at initialisation and at the last
+  checkpoint, and of each 3x3 kernel;
+- `layer_analysis.json`: those figures (resnet_jax/analysis.py);
+- `summary.md` / `summary.csv` (refreshed, with the steps each net took to
+  reach 50%, 25% and 15% running training error).
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
 
+from resnet_jax import analysis
 from resnet_jax import checkpointing
 from resnet_jax import config_lib
 from resnet_jax import errors
@@ -28,10 +34,6 @@ from resnet_jax import input_pipeline
 from resnet_jax import paths
 from resnet_jax import sweep
 from resnet_jax import train
-
-# The BN layers that follow a 3x3 conv (not the 1x1 projections or the 7x7 stem).
-_RESPONSE_LAYER = re.compile(r'^(stem_bn|stage\d+_block\d+/bn[12])$')
-
 
 def members(sweep_dir: epath.Path) -> list[str]:
   if not sweep_dir.is_dir():
@@ -69,79 +71,67 @@ def plot_curves(sweep_dir: epath.Path, names: list[str], path: epath.Path) -> No
   plt.close(fig)
 
 
-def layer_response_stds(config: Any, run: train.Setup, workdir: Any,
-                        max_examples: int = 1000) -> list[float]:
-  """Std of each 3x3 layer's BN output over eval data (per channel, averaged over channels)."""
-  ckpt = checkpointing.Checkpoints(workdir)
-  state, _ = ckpt.restore(ckpt.resolve('latest'), run.strategy.abstract_state(
-      jax.random.key(config.seed)))
-  ckpt.close()
+def analyse_member(config: Any, run: train.Setup, workdir: Any,
+                   max_examples: int = 256) -> dict[str, dict[str, list[float]]]:
+  """Per-layer responses and gradient norms (analysis.py) at initialisation and at the last
+  checkpoint, on the first `max_examples` images of the eval split."""
+  batch = next(input_pipeline.eval_batches(config, run.inp,
+                                           input_pipeline.eval_dataset(config, run.inp)))
+  keep = batch['mask'].astype(bool)
+  images = np.asarray(run.augment.eval(batch['image'][keep][:max_examples]))
+  labels = batch['label'][keep][:max_examples]
   from resnet_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model_from_config(config.model, run.inp.num_classes)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-
-  @jax.jit
-  def responses(images):
-    _, captured = model.apply(
-        variables, images, train=False, capture_intermediates=lambda m, _: isinstance(
-            m, models.BatchNorm), mutable=['intermediates'])
-    flat = jax.tree_util.tree_flatten_with_path(captured['intermediates'])[0]
-    out = {}
-    for path, value in flat:
-      name = '/'.join(p.key for p in path[:-1] if hasattr(p, 'key'))
-      name = name.removesuffix('/__call__')
-      if _RESPONSE_LAYER.match(name):
-        out[name] = value  # (batch, H, W, C)
-    return out
-
-  sums: dict[str, Any] = {}
-  seen = 0
-  for batch in tfds.as_numpy(input_pipeline.eval_dataset(config, run.inp)):
-    keep = batch['mask'].astype(bool)
-    if not keep.any():
-      continue
-    acts = responses(run.augment.eval(jnp.asarray(batch['image'][keep])))
-    for name, value in acts.items():
-      x = np.asarray(value, np.float64)
-      s = sums.setdefault(name, [0.0, 0.0, 0])
-      s[0] = s[0] + x.sum(axis=(0, 1, 2))
-      s[1] = s[1] + (x ** 2).sum(axis=(0, 1, 2))
-      s[2] += x.shape[0] * x.shape[1] * x.shape[2]
-    seen += int(keep.sum())
-    if seen >= max_examples:
-      break
-  order = sorted(sums, key=_layer_order)
-  stds = []
-  for name in order:
-    total, total_sq, count = sums[name]
-    mean = total / count
-    stds.append(float(np.sqrt(np.maximum(total_sq / count - mean ** 2, 0)).mean()))
-  return stds
+  rng = jax.random.key(config.seed)
+  ckpt = checkpointing.Checkpoints(workdir)
+  final, _ = ckpt.restore(ckpt.resolve('latest'), run.strategy.abstract_state(rng))
+  ckpt.close()
+  initial = run.strategy.to_host(run.strategy.init_state(rng))  # the run's own start
+  variables = lambda state: {'params': state.params, 'batch_stats': state.batch_stats}
+  return {when: analysis.analyse(model, variables(jax.device_get(state)), images, labels)
+          for when, state in (('init', initial), ('final', final))}
 
 
-def _layer_order(name: str) -> tuple[int, int, int]:
-  if name == 'stem_bn':
-    return (0, 0, 0)
-  stage, block, bn = map(int, re.findall(r'\d+', name))
-  return (stage, block, bn)
-
-
-def plot_responses(responses: dict[str, list[float]], path: epath.Path) -> None:
+def plot_responses(analyses: dict[str, Any], path: epath.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6))
-  for i, (name, stds) in enumerate(sorted(responses.items())):
-    style = '--' if name.startswith('plain') else '-'
-    top.plot(range(1, len(stds) + 1), stds, style, color=f'C{i}', label=name)
-    bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=f'C{i}',
-                label=name)
-  top.set_xlabel('layer index (original)')
+  for i, (name, result) in enumerate(sorted(analyses.items())):
+    final = result['final']
+    for key, style, label in (('response_std_eval', '-', name),
+                              ('response_std_train', ':', None)):
+      stds = final[key]
+      top.plot(range(1, len(stds) + 1), stds, style, color=f'C{i}', label=label)
+      bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=f'C{i}')
+  top.set_xlabel('layer index (original); solid: running statistics (eval), dotted: batch (train)')
   bottom.set_xlabel('layer index (sorted by magnitude)')
   for ax in (top, bottom):
     ax.set_ylabel('std')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+  top.legend(fontsize=7)
+  fig.tight_layout()
+  paths.save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_gradients(analyses: dict[str, Any], path: epath.Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6))
+  for i, (name, result) in enumerate(sorted(analyses.items())):
+    for when, style in (('init', ':'), ('final', '-')):
+      for ax, key in ((top, 'output_gradient_norm'), (bottom, 'kernel_gradient_norm')):
+        norms = result[when][key]
+        ax.semilogy(range(1, len(norms) + 1), norms, style, color=f'C{i}',
+                    label=f'{name} ({when})')
+  top.set_ylabel('|dL/d output|')
+  bottom.set_ylabel('|dL/d kernel|')
+  bottom.set_xlabel('3x3 layer index (dotted: at initialisation, solid: last checkpoint)')
+  for ax in (top, bottom):
+    ax.grid(alpha=0.3)
+  top.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   paths.save_figure(fig, path)
   plt.close(fig)
@@ -160,7 +150,7 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
   writer = jax.process_index() == 0  # on several hosts, one writes
   if writer:
     plot_curves(sweep_dir, names, sweep_dir / 'curves.png')
-  rows, responses = [], {}
+  rows, analyses = [], {}
   for name in names:
     member_dir = sweep_dir / name
     config = config_lib.load_saved_config(member_dir, default, overrides)
@@ -171,13 +161,14 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
                  'status': 'finished' if results['steps'] >= steps_total else 'unfinished',
                  **results})
     if (member_dir / 'checkpoints').is_dir():
-      responses[name] = layer_response_stds(config, run, member_dir)
+      analyses[name] = analyse_member(config, run, member_dir)
   if writer:
     sweep.write_summary(sweep_dir, rows)
   written = ['curves.png', 'summary.md', 'summary.csv']
-  if responses:
+  if analyses:
     if writer:
-      paths.write_json(sweep_dir / 'layer_responses.json', responses)
-      plot_responses(responses, sweep_dir / 'layer_responses.png')
-    written += ['layer_responses.png', 'layer_responses.json']
+      paths.write_json(sweep_dir / 'layer_analysis.json', analyses)
+      plot_responses(analyses, sweep_dir / 'layer_responses.png')
+      plot_gradients(analyses, sweep_dir / 'layer_gradients.png')
+    written += ['layer_responses.png', 'layer_gradients.png', 'layer_analysis.json']
   return {'sweep_dir': str(sweep_dir), 'members': names, 'written': written}

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -75,8 +76,13 @@ def read_metrics(workdir: str | epath.Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# Training errors whose first crossing measures how fast a net converges.
+CONVERGENCE_THRESHOLDS = (0.5, 0.25, 0.15)
+
+
 def final_results(workdir: str | epath.Path) -> dict[str, Any]:
-  """The last training and eval figures of one run (None where absent)."""
+  """The last training and eval figures of one run (None where absent), and the first
+  logged step at which the running training error fell below each threshold."""
   lines = read_metrics(workdir)
   train = [l for l in lines if 'train_top1_error' in l]
   evals = [l for l in lines if 'eval_top1_error' in l]
@@ -85,6 +91,9 @@ def final_results(workdir: str | epath.Path) -> dict[str, Any]:
       'train_error': train[-1]['train_top1_error'] if train else None,
       'test_error': evals[-1]['eval_top1_error'] if evals else None,
       'best_test_error': min(l['eval_top1_error'] for l in evals) if evals else None,
+      **{f'steps_to_{round(100 * t)}': next(
+          (l['step'] for l in train if l['train_top1_error'] < t), None)
+         for t in CONVERGENCE_THRESHOLDS},
   }
 
 
@@ -118,17 +127,33 @@ def summary_path(workdir: str | epath.Path, kind: str) -> epath.Path:
 
 
 def write_summary(workdir: str | epath.Path, rows: list[dict[str, Any]]) -> None:
-  """DIR/summary.csv and DIR/summary.md: each member's final train and test error."""
-  fields = ['member', 'model', 'status', 'steps', 'train_error', 'test_error', 'best_test_error']
+  """DIR/summary.csv and DIR/summary.md: each member's final train and test error and the
+  steps it took to reach the convergence thresholds, then each model's mean and spread
+  over its members (seeds)."""
+  steps_to = [f'steps_to_{round(100 * t)}' for t in CONVERGENCE_THRESHOLDS]
+  fields = ['member', 'model', 'status', 'steps', 'train_error', 'test_error',
+            'best_test_error', *steps_to]
   table = io.StringIO()
-  writer = csv.DictWriter(table, fieldnames=fields, lineterminator='\n')
+  writer = csv.DictWriter(table, fieldnames=fields, lineterminator='\n', extrasaction='ignore')
   writer.writeheader()
   writer.writerows(rows)
   summary_path(workdir, 'csv').write_text(table.getvalue())
   pct = lambda v: '-' if v is None else f'{100 * v:.2f}%'
-  lines = ['| member | status | steps | train error | test error | best test error |',
-           '|---|---|---|---|---|---|']
+  reach = ' | '.join(f'steps to {round(100 * t)}% train error' for t in CONVERGENCE_THRESHOLDS)
+  lines = [f'| member | status | steps | train error | test error | best test error | {reach} |',
+           '|---|---|---|---|---|---|' + '---|' * len(steps_to)]
   for r in rows:
     lines.append(f'| {r["member"]} | {r["status"]} | {r["steps"]} | {pct(r["train_error"])} | '
-                 f'{pct(r["test_error"])} | {pct(r["best_test_error"])} |')
+                 f'{pct(r["test_error"])} | {pct(r["best_test_error"])} | '
+                 + ' | '.join('-' if r.get(k) is None else str(r[k]) for k in steps_to) + ' |')
+  models = sorted({r['model'] for r in rows})
+  if any(sum(r['model'] == m for r in rows) > 1 for m in models):
+    lines += ['', '| model | members | final train error | final test error |', '|---|---|---|---|']
+    for model in models:
+      mine = [r for r in rows if r['model'] == model and r['test_error'] is not None]
+      spread = lambda key: (f'{100 * np.mean([r[key] for r in mine]):.2f}% +- '
+                            f'{100 * np.ptp([r[key] for r in mine]) / 2:.2f}')
+      if mine:
+        lines.append(f'| {model} | {len(mine)} | {spread("train_error")} | '
+                     f'{spread("test_error")} |')
   summary_path(workdir, 'md').write_text('\n'.join(lines) + '\n')

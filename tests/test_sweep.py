@@ -2,6 +2,8 @@
 import json
 import os
 
+import numpy as np
+
 import pytest
 
 from tests import helpers
@@ -35,7 +37,8 @@ def test_sweep_then_report(tmp_path, digits_dir):
     assert sorted(os.listdir(workdir / member / 'checkpoints')) == ['2', '4']
   with open(workdir / 'summary.csv') as f:
     rows = f.read().splitlines()
-  assert rows[0] == 'member,model,status,steps,train_error,test_error,best_test_error'
+  assert rows[0] == ('member,model,status,steps,train_error,test_error,best_test_error,'
+                     'steps_to_50,steps_to_25,steps_to_15')
   assert [r.split(',')[0] for r in rows[1:]] == ['plain20', 'resnet20']
   summary = (workdir / 'summary.md').read_text()
 
@@ -47,14 +50,27 @@ def test_sweep_then_report(tmp_path, digits_dir):
   assert (workdir / 'summary.md').read_text() == summary
 
   out = helpers.run_py('--mode=report', f'--workdir={workdir}')
-  for name in ('curves.png', 'layer_responses.png', 'summary.md', 'summary.csv'):
+  for name in ('curves.png', 'layer_responses.png', 'layer_gradients.png', 'summary.md',
+               'summary.csv'):
     assert (workdir / name).stat().st_size > 0
     assert (workdir / name).read_bytes()[:4] == b'\x89PNG' or not name.endswith('.png')
-  with open(workdir / 'layer_responses.json') as f:
-    responses = json.load(f)
-  # The stem and the 18 3x3 convs of the blocks: 19 responses for a 20-layer net.
-  assert sorted(responses) == ['plain20', 'resnet20']
-  assert all(len(stds) == 19 and min(stds) > 0 for stds in responses.values())
+  with open(workdir / 'layer_analysis.json') as f:
+    analyses = json.load(f)
+  # The stem and the 18 3x3 convs of the blocks: 19 layers for a 20-layer net, each with its
+  # responses (eval and train mode) and gradient norms, at initialisation and at the end.
+  assert sorted(analyses) == ['plain20', 'resnet20']
+  for result in analyses.values():
+    for when in ('init', 'final'):
+      figures = result[when]
+      assert figures['layers'][:2] == ['stem_bn', 'stage1_block1/bn1']
+      for key in ('response_std_eval', 'response_std_train', 'output_gradient_norm',
+                  'kernel_gradient_norm'):
+        assert len(figures[key]) == 19 and min(figures[key]) > 0, key
+      # Train mode normalises with the batch's own statistics: std about the BN scale, 1
+      # at initialisation.
+      if when == 'init':
+        np.testing.assert_allclose(figures['response_std_train'], 1.0, atol=0.02)
+    assert result['init']['output_gradient_norm'] != result['final']['output_gradient_norm']
   assert (workdir / 'summary.md').read_text() == summary
 
 
