@@ -60,7 +60,16 @@ def get_config() -> config_dict.ConfigDict:
   # 'imagenet_mean' | 'imagenet_mean_std' (fixed RGB statistics).
   c.data.normalize = 'per_pixel_mean'
   c.data.eval_resize = 0                 # shorter side before the eval crop; 0: resize whole image
-  c.data.eval_crop = 'center'            # 'center' | 'ten_crop' (paper Tables 2-3)
+  # 'center' | 'ten_crop' (paper Tables 2-3) | 'multi_scale' (Sec. 3.4, Tables 4-5:
+  # the fully-convolutional net on the whole image at each shorter side below,
+  # and its mirror; softmax averaged over all of them. Each image is resized,
+  # put at the top left of a square canvas (4:3 of the side, in steps of 32; a
+  # longer side is centre-cropped to it) and the pooling covers only the image).
+  c.data.eval_crop = 'center'
+  c.data.multi_scale_sides = (224, 256, 384, 480, 640)
+  # At the last step, evaluate once more with this crop ('' = not): metrics
+  # eval_<crop>_top1_error etc. (the paper's ImageNet recipe: 'ten_crop').
+  c.data.final_eval_crop = ''
   c.data.cache = True                    # keep the train split in memory (small data sets)
   # Examples per host in one shuffle buffer. Without the cache, an epoch is read
   # as buffer loads of randomly chosen record blocks, each shuffled in full; a
@@ -99,6 +108,13 @@ def get_config() -> config_dict.ConfigDict:
   # below warmup_until_error, then return to the schedule. 0 disables it.
   c.schedule.warmup_lr = 0.0
   c.schedule.warmup_until_error = 0.8
+
+  # A torchvision ResNet or VGG-19 weights file (.npz, .safetensors; .pth needs torch)
+  # to start a new run from, or to evaluate with --mode=eval in a workdir without
+  # checkpoints (resnet_jax/torchvision_weights.py). ResNet-50/101/152 need
+  # model.bottleneck_stride='3x3' (torchvision's nets); a classifier of another
+  # size is replaced by a fresh one. Inputs as torchvision's: data.normalize=imagenet_mean_std.
+  c.init_from = ''
 
   # --- Parallelism. ---
   c.parallel = 'jit'                     # 'jit' (mesh, multi-host) | 'pmap'

@@ -7,9 +7,12 @@
 The paper's recipe (Sec. 3.4): batch 256 (BN statistics over 32 images, as on
 its 8 GPUs), lr 0.1 divided by 10 when the validation error plateaus, up to
 60e4 iterations, weight decay 1e-4, momentum 0.9; shorter side resized to a
-random size in [256, 480], random 224x224 crop, flip, per-channel mean
-subtraction and AlexNet PCA colour noise; option B shortcuts; centre crop (or
-10-crop: --config.data.eval_crop=ten_crop) of the 256-resized image for testing.
+random size in [256, 480], random 224x224 crop, flip, per-pixel mean
+subtraction ("the per-pixel mean subtracted"; the mean of the train images
+resized to 224x224, computed once and cached beside the data) and AlexNet PCA
+colour noise; option B shortcuts. Evaluated every epoch on the centre crop of
+the 256-resized image (cheap), and at the end also with the paper's 10-crop
+testing (eval_ten_crop_* metrics).
 
 `cosine`: the common modern variant: 90 epochs, 5 epochs of linear warm-up then
 cosine decay, lr 0.1 x batch/256, Inception-style random-resized crops,
@@ -39,9 +42,10 @@ def get_config(arg: str = 'resnet50'):
   c.data.train_augment = 'scale'
   c.data.scale_range = (256, 480)
   c.data.pca_lighting = 0.1
-  c.data.normalize = 'imagenet_mean'
+  c.data.normalize = 'per_pixel_mean'
   c.data.eval_resize = 256
   c.data.eval_crop = 'center'
+  c.data.final_eval_crop = 'ten_crop'
   c.data.cache = False
   c.data.shuffle_buffer = 10_000
 
@@ -65,6 +69,7 @@ def get_config(arg: str = 'resnet50'):
     c.data.train_augment = 'inception'
     c.data.pca_lighting = 0.0
     c.data.normalize = 'imagenet_mean_std'
+    c.data.final_eval_crop = ''
     c.num_train_steps = -1
     c.num_epochs = 90.0
     c.optimizer.base_batch_size = 256

@@ -40,8 +40,17 @@ class DeviceAugment:
   seed: int = 0
 
   def _normalise(self, images: jax.Array) -> jax.Array:
-    x = images.astype(jnp.float32) / 255.0 - jnp.asarray(self.mean, jnp.float32)
-    return x if self.std is None else x / jnp.asarray(self.std, jnp.float32)
+    x = images.astype(jnp.float32) / 255.0 - self._fit(self.mean, images)
+    return x if self.std is None else x / self._fit(self.std, images)
+
+  @staticmethod
+  def _fit(stats: Any, images: jax.Array) -> jax.Array:
+    """Per-pixel statistics for images of their size; per channel (their spatial mean) for
+    images of another size (fully-convolutional testing)."""
+    stats = jnp.asarray(stats, jnp.float32)
+    if stats.ndim == 3 and stats.shape[:2] != images.shape[-3:-1]:
+      stats = stats.mean(axis=(0, 1))
+    return stats
 
   def eval(self, images: jax.Array) -> jax.Array:
     """Normalised float32 images; (batch, crops, H, W, C) batches too."""

@@ -13,13 +13,18 @@ from resnet_jax import train
 
 def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dict[str, Any]:
   """Restores `which` (latest, best or a step), evaluates the configured split and writes
-  WORKDIR/eval_results.json."""
+  WORKDIR/eval_results.json. In a workdir without checkpoints, config.init_from's
+  weights (torchvision's) are evaluated instead."""
   run = train.setup(config)
   inp, strategy = run.inp, run.strategy
   ckpt = checkpointing.Checkpoints(workdir)
-  step = ckpt.resolve(which)
-  state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
-  metrics = train.evaluate(strategy, strategy.replicate(state), input_pipeline.eval_batches(
+  if not ckpt.steps() and config.init_from:
+    step, which, state = 0, config.init_from, train.initial_state(strategy, config)
+  else:
+    step = ckpt.resolve(which)
+    state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
+    state = strategy.replicate(state)
+  metrics = train.evaluate(strategy, state, input_pipeline.eval_batches(
       config, inp, input_pipeline.eval_dataset(config, inp)))
   result = {
       'step': step,

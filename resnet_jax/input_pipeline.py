@@ -36,7 +36,7 @@ from resnet_jax import datasets
 tf.config.set_visible_devices([], 'GPU')
 
 TRAIN_AUGMENTS = ('pad_crop_flip', 'pad_crop', 'scale', 'inception', 'none')
-EVAL_CROPS = ('center', 'ten_crop')
+EVAL_CROPS = ('center', 'ten_crop', 'multi_scale')
 NORMALIZATIONS = ('per_pixel_mean', 'imagenet_mean', 'imagenet_mean_std')
 
 
@@ -283,6 +283,21 @@ def eval_preprocess(data_config: Any, image_key: str, label_key: str):
   if crop == 'ten_crop' and resize_to <= size:
     raise errors.ConfigError('config.data.eval_crop=ten_crop needs config.data.eval_resize > '
                              f'image_size (the paper: 256 for 224 crops), got {resize_to}.')
+
+  if crop == 'multi_scale':
+    sides = tuple(int(s) for s in data_config.multi_scale_sides)
+    if not sides or min(sides) < 1:
+      raise errors.ConfigError(f'config.data.multi_scale_sides={data_config.multi_scale_sides}: '
+                               'give the shorter sides to test at, e.g. (224, 256, 384, 480, 640).')
+
+    def multi_scale(example):
+      scales = {}
+      for side in sides:
+        image, valid = pp.on_canvas(example[image_key], side)
+        scales[str(side)] = {'image': image, 'valid': valid}
+      return {'scales': scales, 'label': tf.cast(example[label_key], tf.int32),
+              'mask': tf.constant(True)}
+    return multi_scale
 
   def fn(example):
     image = example[image_key]

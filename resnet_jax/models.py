@@ -240,9 +240,18 @@ class ResNet(nn.Module):
   conv_general_dilated: Callable[..., jax.Array] = jax.lax.conv_general_dilated
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = True,
+               valid: jax.Array | None = None) -> jax.Array:
+    """Logits of images x (batch, H, W, 3).
+
+    `valid` (batch, H, W), for the fully-convolutional testing of the paper's
+    Sec. 3.4: images of other sizes padded onto one canvas; the global
+    average pool then covers only the final positions whose receptive field's
+    centre lies on the image.
+    """
     conv = conv_layer(self)
     norm = batch_norm(self, train)
+    size = x.shape[1:3]
     x = x.astype(self.dtype)
     stem_bn = norm(name='stem_bn')
     if self.stem == 'imagenet':
@@ -264,9 +273,17 @@ class ResNet(nn.Module):
             conv=conv, norm=norm,
             zero_init_last_bn=self.zero_init_last_bn,
             name=f'stage{i + 1}_block{j + 1}')(x)
-    x = jnp.mean(x, axis=(1, 2))
+    x = jnp.mean(x, axis=(1, 2)) if valid is None else _masked_mean(x, valid, size)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
+
+
+def _masked_mean(x: jax.Array, valid: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """The mean over the positions of x (batch, h, w, C) whose centre lies where `valid`."""
+  step = size[0] // x.shape[1], size[1] // x.shape[2]
+  mask = valid[:, step[0] // 2::step[0], step[1] // 2::step[1]][:, :x.shape[1], :x.shape[2]]
+  mask = mask.astype(x.dtype)[..., None]
+  return jnp.sum(x * mask, axis=(1, 2)) / jnp.maximum(jnp.sum(mask, axis=(1, 2)), 1)
 
 
 class VGG(nn.Module):

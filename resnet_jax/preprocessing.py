@@ -209,6 +209,26 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor,
   return to_uint8(_bilinear(image, (size, size)))
 
 
+def canvas_size(side: int, multiple: int = 32) -> int:
+  """The square canvas of fully-convolutional testing at shorter side `side`: room for a
+  4:3 image either way up, in whole steps of the network's stride."""
+  return -(-round(side * 4 / 3) // multiple) * multiple
+
+
+def on_canvas(image: tf.Tensor, side: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """The image resized to shorter side `side` (the longer side centre-cropped to the canvas
+  if it is longer than 4:3), at the top left of a square uint8 canvas, and where it is."""
+  canvas = canvas_size(side)
+  resized = resize_shorter_side(decode(image), side)
+  height, width = tf.minimum(tf.shape(resized)[0], canvas), tf.minimum(tf.shape(resized)[1], canvas)
+  top, left = (tf.shape(resized)[0] - height) // 2, (tf.shape(resized)[1] - width) // 2
+  resized = to_uint8(resized[top:top + height, left:left + width])
+  padding = [[0, canvas - height], [0, canvas - width], [0, 0]]
+  valid = tf.pad(tf.ones((height, width), tf.bool), padding[:2])
+  return tf.ensure_shape(tf.pad(resized, padding), (canvas, canvas, 3)), tf.ensure_shape(
+      valid, (canvas, canvas))
+
+
 def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   """The paper's 10-crop testing: four corners and the centre, and their flips -> (10, s, s, C)."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]

@@ -115,12 +115,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               augment: augment_lib.DeviceAugment | None = None,
               axis_name: str | None = None) -> dict[str, jax.Array]:
-  """Summed loss and errors over the unmasked examples; 10-crop batches average softmax."""
-  images, labels = batch['image'], batch['label']
-  if augment is not None:
-    images = augment.eval(images)
+  """Summed loss and errors over the unmasked examples; 10-crop and multi-scale batches
+  average the views' softmax (in log space)."""
+  labels = batch['label']
   weights = batch['mask'].astype(jnp.float32)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if 'scales' in batch:  # fully-convolutional testing at several sizes, and mirrored
+    views = []
+    for scale in batch['scales'].values():
+      valid = scale['valid']
+      images = scale['image'] if augment is None else augment.eval(scale['image'])
+      images = images * valid[..., None]  # the canvas around the image is zero, as conv padding
+      for flip in (False, True):
+        views.append(model.apply(variables, images[:, :, ::-1] if flip else images, train=False,
+                                 valid=valid[:, :, ::-1] if flip else valid))
+    logits = average_crops(jnp.stack(views, axis=1))
+    loss = cross_entropy(logits, labels)
+    return _reduce({'loss': jnp.sum(loss * weights), 'count': jnp.sum(weights),
+                    **_error_sums(logits, labels, weights)}, axis_name)
+  images = batch['image']
+  if augment is not None:
+    images = augment.eval(images)
   if images.ndim == 5:  # (batch, crops, H, W, C): average the crops' probabilities
     n, crops = images.shape[:2]
     logits = model.apply(variables, images.reshape((n * crops,) + images.shape[2:]), train=False)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from resnet_jax import errors
 from resnet_jax import models
 
 # torchvision's names of the nets that convert.
@@ -56,7 +57,7 @@ INPUT_SHAPE = (224, 224, 3)
 _SHOWN = 8
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.UserError, ValueError):
   """A state dict that does not fit the asked-for net; the message names the keys.
 
   `missing`, `unexpected` and `mismatched` hold the offending keys for callers

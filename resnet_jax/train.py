@@ -212,6 +212,10 @@ def setup(config: Any) -> Setup:
   """
   model_options = dict(config.model)
   models.check_options(model_options.pop('name'), model_options)  # fail before touching data
+  if 'multi_scale' in (config.data.eval_crop, config.data.final_eval_crop) and (
+      config.model.name == 'vgg19'):
+    raise errors.ConfigError('Multi-scale testing needs a fully-convolutional net (a ResNet or '
+                             "plain net); vgg19's classifier takes one input size.")
   parallel.check_batch_sizes(config, jax.device_count())
   cpu_kernels = backend.choose_cpu_kernels(config.cpu_kernels)
   run_options = {**backend.model_defaults(config.model), **cpu_kernels.model_options}
@@ -273,15 +277,34 @@ def _prefetch(iterator: Iterator, put, size: int) -> Iterator:
   yield from queue
 
 
-def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints, seed: int):
-  """(placed state, step, loop record): the newest good checkpoint, or a fresh state."""
-  rng = jax.random.key(seed)
+def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints, config: Any):
+  """(placed state, step, loop record): the newest good checkpoint, or a fresh state (from
+  config.init_from's weights, if given)."""
+  rng = jax.random.key(config.seed)
   restored = ckpt.restore_latest_good(strategy.abstract_state(rng))
   if restored is None:
-    return strategy.init_state(rng), 0, {}
+    return initial_state(strategy, config), 0, {}
   step, state, loop = restored
   logging.info('Resuming from the checkpoint at step %d.', step)
   return strategy.replicate(state), step, loop
+
+
+def initial_state(strategy: parallel.Parallel, config: Any) -> Any:
+  """The placed initial state: from config.seed, with config.init_from's weights if set."""
+  state = strategy.init_state(jax.random.key(config.seed))
+  if not config.init_from:
+    return state
+  from resnet_jax import torchvision_weights  # pylint: disable=g-import-not-at-top
+  params, batch_stats = torchvision_weights.load(config.init_from, config.model)
+  fresh = strategy.to_host(state)
+  head = (params['head']['kernel'].shape, fresh.params['head']['kernel'].shape)
+  if head[0] != head[1]:
+    logging.info('%s: its classifier %s does not fit %s classes: replaced by a fresh one.',
+                 config.init_from, head[0], head[1][-1])
+    params = {**params, 'head': fresh.params['head']}
+  logging.info('Starting from the weights in %s.', config.init_from)
+  # The optimizer's state (momentum) starts at zero, as for any new run.
+  return strategy.replicate(fresh.replace(params=params, batch_stats=batch_stats))
 
 
 def create_writer(workdir: epath.Path, resume_step: int | None,
@@ -304,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = setup(config)
   inp, strategy, steps_total = run.inp, run.strategy, run.steps_total
   ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
-  state, step, loop = restore_or_init(strategy, ckpt, config.seed)
+  state, step, loop = restore_or_init(strategy, ckpt, config)
   save_config(config, workdir, run.cpu_kernels_used)
   # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
   pending_eval = bool(loop.get('pending_eval'))
@@ -363,6 +386,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           step_metrics = evaluate(strategy, state,
                                   input_pipeline.eval_batches(config, inp, eval_data),
                                   stop=preemption.reached)
+          if step_metrics is not None and step == steps_total and config.data.final_eval_crop:
+            step_metrics = _final_evaluation(config, inp, strategy, state, step_metrics,
+                                             preemption)
         if step_metrics is None:  # SIGTERM: save now, evaluate this state after the restart
           logging.warning('SIGTERM during the evaluation at step %d: stopped it to save.', step)
           if not resumed_eval:  # (a resumed one's checkpoint is saved already)
@@ -398,6 +424,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise Preempted(f'SIGTERM: saved a checkpoint at step {step} and stopped; rerun the same '
                     'command to continue.')
   return eval_metrics
+
+
+def _final_evaluation(config: Any, inp: input_pipeline.Input, strategy: parallel.Parallel,
+                      state: Any, metrics: dict[str, float],
+                      preemption: Preemption) -> dict[str, float] | None:
+  """The last step's evaluation once more with config.data.final_eval_crop (the paper's
+  ImageNet protocol reports 10-crop error), as eval_<crop>_* metrics; None if stopped."""
+  crop = config.data.final_eval_crop
+  final_config = config.copy_and_resolve_references()
+  final_config.data.eval_crop = crop
+  dataset = input_pipeline.eval_dataset(final_config, inp)
+  final = evaluate(strategy, state, input_pipeline.eval_batches(final_config, inp, dataset),
+                   stop=preemption.reached)
+  if final is None:
+    return None
+  return {**metrics, **{k.replace('eval_', f'eval_{crop}_', 1): v for k, v in final.items()}}
 
 
 def _save(ckpt: checkpointing.Checkpoints, strategy: parallel.Parallel, step: int, state: Any,

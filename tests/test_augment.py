@@ -172,3 +172,27 @@ def test_jit_and_pmap_augment_the_same_examples_alike():
     metrics[mode] = strategy.metrics_to_host(m)
   for key in metrics['jit']:
     np.testing.assert_allclose(metrics['pmap'][key], metrics['jit'][key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize('shape,expected', [((375, 500), (224, 299)), ((500, 375), (299, 224)),
+                                            ((224, 600), (224, 320))])
+def test_fully_convolutional_testing_puts_the_whole_image_on_a_canvas(shape, expected):
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, shape + (3,), dtype=np.uint8))
+  canvas, valid = pp.on_canvas(image, 224)
+  assert pp.canvas_size(224) == 320 and canvas.shape == (320, 320, 3) and valid.shape == (320, 320)
+  rows, columns = np.nonzero(valid.numpy())
+  assert (rows.max() + 1, columns.max() + 1) == expected and rows.min() == columns.min() == 0
+  assert not canvas.numpy()[~valid.numpy()].any()  # zeros around the image
+
+
+def test_masked_pooling_averages_the_image_positions_only():
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  model = models.create_model('resnet18', 5)
+  variables = model.init(jax.random.key(1), x, train=False)
+  plain = model.apply(variables, x, train=False)
+  everywhere = model.apply(variables, x, train=False, valid=jnp.ones((2, 64, 64), bool))
+  np.testing.assert_allclose(everywhere, plain, rtol=1e-5, atol=1e-6)
+  features = jnp.arange(2 * 2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 2, 1)
+  valid = jnp.zeros((2, 64, 64), bool).at[:, :32, :].set(True)  # the top half of the input
+  pooled = models._masked_mean(features, valid, (64, 64))  # pylint: disable=protected-access
+  np.testing.assert_allclose(pooled[:, 0], features[:, 0].mean(axis=(1, 2)))

@@ -148,6 +148,16 @@ def test_imagenet_from_the_users_tars_trains_resnet18(tmp_path, sample_imagenet)
   assert [line['step'] for line in lines if 'train_loss' in line] == [2, 4]
   (final,) = [line for line in lines if 'eval_loss' in line]
   assert final['eval_num_examples'] == 8
+  # The paper's protocol: centre crop on the way, 10-crop at the end (and per-pixel mean).
+  assert final['eval_ten_crop_num_examples'] == 8 and 0 <= final['eval_ten_crop_top1_error'] <= 1
+  assert any(name.startswith('resnet_jax_pixel_mean_') for name in os.listdir(
+      os.path.join(data_dir, 'imagenet2012', '5.1.0')))
+  # Multi-scale fully-convolutional testing (paper Sec. 3.4): every example once.
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path}', '--config.data.eval_crop=multi_scale',
+                       '--config.data.multi_scale_sides=(32, 48)', '--config.eval_batch_size=8')
+  result = json.loads(out.stdout[out.stdout.index('{'):])
+  assert result['eval_crop'] == 'multi_scale' and result['num_examples'] == 8
+  assert 0 <= result['top5_error'] <= result['top1_error'] <= 1
 
 
 OFFLINE = ('import errno, socket\n'

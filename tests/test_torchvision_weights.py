@@ -382,3 +382,30 @@ def test_same_keys_other_widths(count_conversions):
   assert "keys of torchvision's resnet50 but 267 entries do not fit it" in str(error)
   assert 'wide_resnet' in str(error)
   assert 'conv1.weight: shape (1,), expected (64, 3, 7, 7)' in str(error)
+
+
+def test_torchvision_weights_start_a_run_and_evaluate(tmp_path, digits_dir):
+  """config.init_from: a new run starts from the converted weights; --mode=eval in a workdir
+  without checkpoints evaluates them."""
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  weights = tmp_path / 'resnet18.npz'
+  state_dict = fixture.random_torchvision_state_dict('resnet18', 10, seed=5)
+  np.savez(weights, **state_dict)
+  common = ['--config=configs/default.py', f'--config.data.data_dir={digits_dir}',
+            '--config.model.name=resnet18',
+            f'--config.init_from={weights}', '--config.data.normalize=imagenet_mean_std',
+            '--config.eval_batch_size=120']
+  out = helpers.run_py('--mode=eval', f'--workdir={tmp_path / "eval"}', *common)
+  result = json.loads(out.stdout[out.stdout.index('{'):])
+  assert result['step'] == 0 and result['checkpoint'] == str(weights)
+  assert result['num_examples'] == 360 and 0 <= result['top1_error'] <= 1
+  helpers.run_py(f'--workdir={tmp_path / "train"}', *common, '--config.num_train_steps=1',
+                 '--config.batch_size=16', '--config.optimizer.learning_rate=0.0',
+                 '--config.checkpoint_every_steps=1')
+  from tests.test_checkpoints import saved_state  # pylint: disable=import-outside-toplevel
+  _, state = saved_state(tmp_path / 'train')
+  params, _ = tw.convert(state_dict, 'resnet18')
+  # One step at learning rate 0 changes no weight: they are the converted ones.
+  np.testing.assert_array_equal(state['params']['stage2_block1']['conv1']['kernel'],
+                                params['stage2_block1']['conv1']['kernel'])
+  np.testing.assert_array_equal(state['params']['head']['kernel'], params['head']['kernel'])
