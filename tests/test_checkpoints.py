@@ -86,6 +86,7 @@ def _assert_resumes_exactly(workdir, args, straight):
   assert results(workdir) == results(straight)
 
 
+@pytest.mark.end_to_end
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path, digits_dir, straight):
   args = [f'--config.data.data_dir={digits_dir}', '--config.num_train_steps=24', *TRAIN]
   workdir = tmp_path / 'preempted'

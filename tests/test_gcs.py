@@ -62,8 +62,8 @@ def test_a_run_on_gs_resumes_exactly_then_evaluates_and_a_sweep_reports(
                  f'--config.data.data_dir={digits_dir}')
   helpers.run_py('--mode=report', f'--workdir={sweep_dir}')
   objects = set(gcs_env.objects())
-  for name in ('curves.png', 'layer_responses.png', 'layer_responses.json', 'summary.md',
-               'summary.csv', 'plain20/config.json', 'resnet20/metrics.jsonl'):
+  for name in ('curves.png', 'layer_responses.png', 'layer_gradients.png', 'layer_analysis.json',
+               'summary.md', 'summary.csv', 'plain20/config.json', 'resnet20/metrics.jsonl'):
     assert f'sweep/{name}' in objects, sorted(objects)
   assert (epath.Path(sweep_dir) / 'curves.png').read_bytes()[:4] == b'\x89PNG'
   for name in ('config.json', 'metrics.jsonl', 'eval_results.json', 'checkpoints/24/state/_METADATA'):

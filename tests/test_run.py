@@ -71,6 +71,7 @@ def test_imagenet_paper_config_on_mock_data(tmp_path):
   check_workdir(tmp_path, 4, 40)
 
 
+@pytest.mark.end_to_end
 def test_quickstart_learns_the_digits(tmp_path, digits_dir):
   """The README's main job, unchanged: below 5% test error (about 2 minutes on 2 cores).
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resnet_jax import backend
 from resnet_jax import checkpointing
 from resnet_jax import errors
 from resnet_jax import models
@@ -30,10 +31,13 @@ def _batches(num, batch_size, seed=0, num_classes=10):
 
 
 def _strategy(config, num_classes=10):
+  """The trainer's strategy for `config`, with the kernels it would choose (the CPU plugin
+  only where $RESNET_JAX_CPU_KERNELS leaves config.cpu_kernels=auto on)."""
   schedule = optim.schedule_fn(config, steps_per_epoch=10, total_steps=100)
+  kernels = backend.choose_cpu_kernels(config.cpu_kernels).model_options
   return parallel.create(
       config, lambda axis: models.create_model_from_config(config.model, num_classes,
-                                                           bn_axis_name=axis),
+                                                           bn_axis_name=axis, **kernels),
       optim.create_optimizer(config), schedule, SHAPE)
 
 
@@ -47,6 +51,7 @@ def _train(config, batches):
   return strategy.to_host(state), losses
 
 
+@pytest.mark.end_to_end
 def test_loss_falls_on_a_fixed_batch():
   config = helpers.small_config(batch_size=16)
   batch = _batches(1, 16)[0]
@@ -67,6 +72,7 @@ def _assert_trees_close(actual, expected, rtol):
   jax.tree_util.tree_map_with_path(check, actual, expected)
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize('bn_group_size', [0, 2])
 def test_jit_and_pmap_give_the_same_numbers(bn_group_size):
   """Every step of pmap equals the jit step from the same state, to float rounding.

@@ -30,6 +30,6 @@ def get_config():
 
 
 def get_sweep():
-  members = [('resnet20', 0), ('resnet56', 0), ('plain20', 0), ('plain56', 0), ('resnet32', 0),
+  members = [('resnet20', 0), ('plain56', 0), ('resnet56', 0), ('plain20', 0), ('resnet32', 0),
              ('resnet20', 1), ('resnet56', 1)]
   return {f'{name}-seed{seed}': {'model.name': name, 'seed': seed} for name, seed in members}
