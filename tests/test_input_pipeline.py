@@ -1,6 +1,7 @@
 """Input pipelines: shapes and ranges, the paper's crops, host shards, determinism, resume."""
 import hashlib
 import itertools
+import re
 from unittest import mock
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnet_jax import errors
 from resnet_jax import input_pipeline
 from resnet_jax import preprocessing as pp
 from tests import helpers
@@ -189,6 +191,27 @@ def test_per_pixel_mean_is_computed_once_and_cached(digits_dir):
   assert mean.shape == (32, 32, 3) and 0 < mean.mean() < 0.5
   with mock.patch.object(builder, 'as_dataset', side_effect=AssertionError('recomputed')):
     np.testing.assert_array_equal(input_pipeline.per_pixel_mean(builder, 'train', 32), mean)
+
+
+def test_thread_pool_and_ram_budget_reach_tf_data(digits_dir):
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'data.threads': 1,
+                                   'data.ram_budget_gb': 0.5})
+  inp = _input(config)
+  options = input_pipeline.train_dataset(config, inp).options()
+  assert options.threading.private_threadpool_size == 1
+  assert options.autotune.ram_budget == 2**29
+
+
+@pytest.mark.parametrize('field, value, says', [
+    ('data.threads', 10_000, 'config.data.threads=10000: this host has'),
+    ('data.threads', -1, 'config.data.threads=-1'),
+    ('data.ram_budget_gb', 1e-6, 'config.data.ram_budget_gb=1e-06 is below the'),
+])
+def test_thread_counts_above_the_cores_and_budgets_below_the_buffers_are_config_errors(
+    digits_dir, field, value, says):
+  config = helpers.small_config(**{'data.data_dir': digits_dir, field: value})
+  with pytest.raises(errors.ConfigError, match=re.escape(says)):
+    input_pipeline.train_dataset(config, _input(config))
 
 
 def test_validation_holdout_splits_the_train_split(digits_dir):

@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import jax
 
 from tests import helpers
@@ -110,7 +109,6 @@ def _preempt(hosts, ready):
   return int(stops[0][0]), logs
 
 
-@pytest.mark.end_to_end
 def test_sigterm_on_one_host_stops_both_at_one_step_then_they_resume_exactly(tmp_path, digits_dir):
   """JAX's preemption sync manager: host 1 gets SIGTERM, both hosts save the same step, in
   training and in an evaluation (which they stop at the same batch)."""
