@@ -25,7 +25,7 @@ import optax
 
 from resnet_jax import models
 
-# The BN layers that follow a 3x3 conv (not the 1x1 projections or the 7x7 stem).
+# The BN layers that follow a block's convs or the stem (`analyse` keeps those of 3x3 convs).
 RESPONSE_LAYER = re.compile(r'^(stem_bn|stage\d+_block\d+/bn[12])$')
 
 
@@ -94,14 +94,16 @@ def analyse(model: nn.Module, variables: dict[str, Any], images: np.ndarray,
                            added=added)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     kernel_grads, output_grads = jax.grad(loss, argnums=(0, 1))(variables['params'], zeros)
-    kernels = {k: jnp.linalg.norm(_get(kernel_grads, _kernel_path(k))['kernel'])
-               for k in zeros}
-    outputs = {k: jnp.linalg.norm(v) for k, v in output_grads.items()}
+    norm = lambda g: jnp.linalg.norm(g.astype(jnp.float32))
+    kernels = {k: norm(_get(kernel_grads, _kernel_path(k))['kernel']) for k in zeros}
+    outputs = {k: norm(v) for k, v in output_grads.items()}
     return stds(eval_out), stds(train_out), outputs, kernels
 
   (eval_mean, eval_median), (train_mean, train_median), outputs, kernels = jax.device_get(
       figures(variables, jnp.asarray(images), jnp.asarray(labels)))
-  order = sorted(outputs, key=layer_order)
+  # The paper's Fig. 7 is about 3x3 layers: not the 7x7 stem, nor bottlenecks' 1x1 convs.
+  is_3x3 = lambda k: _get(variables['params'], _kernel_path(k))['kernel'].shape[:2] == (3, 3)
+  order = sorted((k for k in outputs if is_3x3(k)), key=layer_order)
   listed = lambda d: [float(d[k]) for k in order]
   return {'layers': order,
           'response_std_eval': listed(eval_mean), 'response_std_train': listed(train_mean),

@@ -39,22 +39,24 @@ class DeviceAugment:
   pca_lighting: float = 0.0
   seed: int = 0
 
-  def _normalise(self, images: jax.Array) -> jax.Array:
-    x = images.astype(jnp.float32) / 255.0 - self._fit(self.mean, images)
-    return x if self.std is None else x / self._fit(self.std, images)
+  def _normalise(self, images: jax.Array, per_channel: bool = False) -> jax.Array:
+    x = images.astype(jnp.float32) / 255.0 - self._fit(self.mean, images, per_channel)
+    return x if self.std is None else x / self._fit(self.std, images, per_channel)
 
   @staticmethod
-  def _fit(stats: Any, images: jax.Array) -> jax.Array:
+  def _fit(stats: Any, images: jax.Array, per_channel: bool) -> jax.Array:
     """Per-pixel statistics for images of their size; per channel (their spatial mean) for
-    images of another size (fully-convolutional testing)."""
+    images of another size or where asked."""
     stats = jnp.asarray(stats, jnp.float32)
-    if stats.ndim == 3 and stats.shape[:2] != images.shape[-3:-1]:
+    if stats.ndim == 3 and (per_channel or stats.shape[:2] != images.shape[-3:-1]):
       stats = stats.mean(axis=(0, 1))
     return stats
 
-  def eval(self, images: jax.Array) -> jax.Array:
-    """Normalised float32 images; (batch, crops, H, W, C) batches too."""
-    return self._normalise(images)
+  def eval(self, images: jax.Array, whole_images: bool = False) -> jax.Array:
+    """Normalised float32 images; (batch, crops, H, W, C) batches too. `whole_images`
+    (fully-convolutional testing: images of any size on a canvas) always takes per-channel
+    statistics, which are not tied to a crop's pixel positions."""
+    return self._normalise(images, per_channel=whole_images)
 
   def train(self, images: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
     """Augmented, normalised float32 images; `index`: each example's place in the global batch."""

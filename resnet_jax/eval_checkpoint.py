@@ -19,7 +19,8 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dic
   inp, strategy = run.inp, run.strategy
   ckpt = checkpointing.Checkpoints(workdir)
   if not ckpt.steps() and config.init_from:
-    step, which, state = 0, config.init_from, train.initial_state(strategy, config)
+    step, which = 0, config.init_from
+    state = train.initial_state(strategy, config, evaluating=True)
   else:
     step = ckpt.resolve(which)
     state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))

@@ -245,19 +245,23 @@ class ResNet(nn.Module):
     """Logits of images x (batch, H, W, 3).
 
     `valid` (batch, H, W), for the fully-convolutional testing of the paper's
-    Sec. 3.4: images of other sizes padded onto one canvas; the global
-    average pool then covers only the final positions whose receptive field's
-    centre lies on the image.
+    Sec. 3.4: images of other sizes at the top left of one canvas. Every conv
+    and pool then reads zeros outside the image, as the padding of a network
+    run on the image alone, and the global average pool covers the image's
+    positions only: each image's logits are those of the image alone.
     """
     conv = conv_layer(self)
     norm = batch_norm(self, train)
-    size = x.shape[1:3]
+    keep = lambda y: y
+    if valid is not None:
+      keep = lambda y: y * _on_image(valid, y)
+      conv = _reading_the_image_only(conv, keep)
     x = x.astype(self.dtype)
     stem_bn = norm(name='stem_bn')
     if self.stem == 'imagenet':
       x = conv(self.widths[0], (7, 7), 2, padding=((3, 3), (3, 3)), name='stem_conv')(x)
       x = nn.relu(stem_bn(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = nn.max_pool(keep(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(self.widths[0], (3, 3), 1, padding=((1, 1), (1, 1)), name='stem_conv')(x)
       x = nn.relu(stem_bn(x))
@@ -273,17 +277,29 @@ class ResNet(nn.Module):
             conv=conv, norm=norm,
             zero_init_last_bn=self.zero_init_last_bn,
             name=f'stage{i + 1}_block{j + 1}')(x)
-    x = jnp.mean(x, axis=(1, 2)) if valid is None else _masked_mean(x, valid, size)
+    if valid is None:
+      x = jnp.mean(x, axis=(1, 2))
+    else:
+      on_image = _on_image(valid, x)
+      x = jnp.sum(x * on_image, axis=(1, 2)) / jnp.maximum(jnp.sum(on_image, axis=(1, 2)), 1)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
 
 
-def _masked_mean(x: jax.Array, valid: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """The mean over the positions of x (batch, h, w, C) whose centre lies where `valid`."""
-  step = size[0] // x.shape[1], size[1] // x.shape[2]
-  mask = valid[:, step[0] // 2::step[0], step[1] // 2::step[1]][:, :x.shape[1], :x.shape[2]]
-  mask = mask.astype(x.dtype)[..., None]
-  return jnp.sum(x * mask, axis=(1, 2)) / jnp.maximum(jnp.sum(mask, axis=(1, 2)), 1)
+def _on_image(valid: jax.Array, x: jax.Array) -> jax.Array:
+  """(batch, h, w, 1): 1 where x (batch, h, w, C), a map of the net, holds a position that
+  the net run on the image alone computes. The image sits at the top left of the canvas
+  and every stride-s layer keeps positions 0, s, 2s, ...: those are valid[::step]."""
+  step_h, step_w = -(-valid.shape[1] // x.shape[1]), -(-valid.shape[2] // x.shape[2])
+  return valid[:, ::step_h, ::step_w, None].astype(x.dtype)
+
+
+def _reading_the_image_only(conv: ModuleDef, keep: Callable) -> ModuleDef:
+  """`conv` whose layers zero their input outside the image first (same parameters)."""
+  def make(*args, **kwargs):
+    layer = conv(*args, **kwargs)
+    return lambda x: layer(keep(x))
+  return make
 
 
 class VGG(nn.Module):

@@ -75,11 +75,16 @@ def analyse_member(config: Any, run: train.Setup, workdir: Any,
                    max_examples: int = 256) -> dict[str, dict[str, list[float]]]:
   """Per-layer responses and gradient norms (analysis.py) at initialisation and at the last
   checkpoint, on the first `max_examples` images of the eval split."""
-  batch = next(input_pipeline.eval_batches(config, run.inp,
-                                           input_pipeline.eval_dataset(config, run.inp)))
+  centre = config.copy_and_resolve_references()  # one view per image, whatever the run used
+  centre.data.eval_crop = 'center'
+  batch = next(input_pipeline.eval_batches(centre, run.inp,
+                                           input_pipeline.eval_dataset(centre, run.inp)))
   keep = batch['mask'].astype(bool)
-  images = np.asarray(run.augment.eval(batch['image'][keep][:max_examples]))
-  labels = batch['label'][keep][:max_examples]
+  count = min(int(keep.sum()), max_examples)
+  group = config.model.get('bn_group_size') or 0
+  count -= count % group if group and count >= group else 0  # whole BN groups in train mode
+  images = np.asarray(run.augment.eval(batch['image'][keep][:count]))
+  labels = batch['label'][keep][:count]
   from resnet_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model_from_config(config.model, run.inp.num_classes)
   rng = jax.random.key(config.seed)

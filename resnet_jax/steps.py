@@ -112,6 +112,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, metrics
 
 
+def mirror_on_canvas(images: jax.Array, valid: jax.Array) -> jax.Array:
+  """Each image (at the top left of its canvas, where `valid`) mirrored left-right in place,
+  so the mirror too starts at the left edge (the canvas beyond it keeps its values)."""
+  width = jnp.sum(valid[:, 0, :], axis=1, dtype=jnp.int32)[:, None]  # (batch, 1)
+  columns = jnp.arange(images.shape[2])[None, :]
+  source = jnp.where(columns < width, width - 1 - columns, columns)
+  return jnp.take_along_axis(images, source[:, None, :, None], axis=2)
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               augment: augment_lib.DeviceAugment | None = None,
               axis_name: str | None = None) -> dict[str, jax.Array]:
@@ -124,11 +133,10 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
     views = []
     for scale in batch['scales'].values():
       valid = scale['valid']
-      images = scale['image'] if augment is None else augment.eval(scale['image'])
-      images = images * valid[..., None]  # the canvas around the image is zero, as conv padding
-      for flip in (False, True):
-        views.append(model.apply(variables, images[:, :, ::-1] if flip else images, train=False,
-                                 valid=valid[:, :, ::-1] if flip else valid))
+      images = (scale['image'] if augment is None
+                else augment.eval(scale['image'], whole_images=True))
+      for view in (images, mirror_on_canvas(images, valid)):
+        views.append(model.apply(variables, view, train=False, valid=valid))
     logits = average_crops(jnp.stack(views, axis=1))
     loss = cross_entropy(logits, labels)
     return _reduce({'loss': jnp.sum(loss * weights), 'count': jnp.sum(weights),

@@ -148,11 +148,13 @@ def write_summary(workdir: str | epath.Path, rows: list[dict[str, Any]]) -> None
                  + ' | '.join('-' if r.get(k) is None else str(r[k]) for k in steps_to) + ' |')
   models = sorted({r['model'] for r in rows})
   if any(sum(r['model'] == m for r in rows) > 1 for m in models):
-    lines += ['', '| model | members | final train error | final test error |', '|---|---|---|---|']
+    lines += ['', '| model | finished members | final train error (mean +- half range) | '
+              'final test error (mean +- half range) |', '|---|---|---|---|']
     for model in models:
-      mine = [r for r in rows if r['model'] == model and r['test_error'] is not None]
+      mine = [r for r in rows if r['model'] == model and r['status'] == 'finished'
+              and r['test_error'] is not None]
       spread = lambda key: (f'{100 * np.mean([r[key] for r in mine]):.2f}% +- '
-                            f'{100 * np.ptp([r[key] for r in mine]) / 2:.2f}')
+                            f'{100 * np.ptp([r[key] for r in mine]) / 2:.2f}%')
       if mine:
         lines.append(f'| {model} | {len(mine)} | {spread("train_error")} | '
                      f'{spread("test_error")} |')

@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import re
+import zipfile
 from typing import Any, Iterable, Mapping
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -145,28 +148,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   tensors, in which many checkpoints are stored. The arrays are read-only
   views of one buffer.
   """
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     header_size = int.from_bytes(f.read(8), 'little')
     if header_size <= 0 or header_size > 100_000_000:
-      raise ValueError(f'{path} is not a safetensors file (header of {header_size} bytes).')
+      raise WeightsError(f'{path} is not a safetensors file (header of {header_size} bytes).')
     try:
       header = json.loads(f.read(header_size))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f'{path} is not a safetensors file (its header is not JSON: {e}).') from e
+      raise WeightsError(f'{path} is not a safetensors file (its header is not JSON: {e}).') from e
     buffer = f.read()
   if not isinstance(header, dict):
-    raise ValueError(f'{path} is not a safetensors file (its header is not a JSON object).')
+    raise WeightsError(f'{path} is not a safetensors file (its header is not a JSON object).')
   header.pop('__metadata__', None)
   arrays = {}
   for name, info in header.items():
     if info['dtype'] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f'{path}: tensor {name!r} has dtype {info["dtype"]}, which numpy '
+      raise WeightsError(f'{path}: tensor {name!r} has dtype {info["dtype"]}, which numpy '
                        f'cannot hold.')
     dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
     begin, end = info['data_offsets']
     shape = tuple(info['shape'])
     if not 0 <= begin <= end <= len(buffer) or end - begin != int(np.prod(shape)) * dtype.itemsize:
-      raise ValueError(f'{path}: tensor {name!r} has offsets {begin}..{end}, which do not '
+      raise WeightsError(f'{path}: tensor {name!r} has offsets {begin}..{end}, which do not '
                        f'hold shape {shape} of {info["dtype"]} in a {len(buffer)}-byte buffer.')
     arrays[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)), begin).reshape(shape)
   return arrays
@@ -197,28 +200,35 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   are unwrapped.
   """
   name = os.fspath(path).lower()
+  if not name.endswith(('.npz', '.safetensors', '.pth', '.pt')):
+    raise WeightsError(f'Cannot read {path}: use a .safetensors, .npz, .pth or .pt file.')
+  if not epath.Path(path).exists():  # local or gs://
+    raise WeightsError(f'{path} does not exist (config.init_from).')
   if name.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as f:
-      return {key: f[key] for key in f.files}
+    try:
+      with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as f:
+        return {key: f[key] for key in f.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+      raise WeightsError(f'{path} is not a readable .npz file ({e}).') from e
   if name.endswith('.safetensors'):
     return read_safetensors(path)
   if name.endswith(('.pth', '.pt')):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-      raise ImportError(
+      raise WeightsError(
           f'Reading {path} needs PyTorch (pip install torch), which resnet_jax does not '
           f'depend on. Or save the state dict once where torch is installed as .safetensors '
           f'or .npz, which read without it.') from e
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = torch.load(io.BytesIO(epath.Path(path).read_bytes()), map_location='cpu',
+                       weights_only=True)
     for wrapper in ('state_dict', 'model'):
       if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
         state = state[wrapper]
     if not isinstance(state, Mapping):
-      raise ValueError(f'{path} holds a {type(state).__name__}, not a state dict.')
-    return {key: _as_numpy(value) if hasattr(value, 'detach') else value
-            for key, value in state.items()}
-  raise ValueError(f'Cannot read {path}: use a .safetensors, .npz, .pth or .pt file.')
+      raise WeightsError(f'{path} holds a {type(state).__name__}, not a state dict.')
+  return {key: _as_numpy(value) if hasattr(value, 'detach') else value
+          for key, value in state.items()}
 
 
 # --- The layout: which torchvision key is which of our variables. ---------------

@@ -217,6 +217,9 @@ def setup(config: Any) -> Setup:
     raise errors.ConfigError('Multi-scale testing needs a fully-convolutional net (a ResNet or '
                              "plain net); vgg19's classifier takes one input size.")
   parallel.check_batch_sizes(config, jax.device_count())
+  input_pipeline.check_eval_crop(config.data)  # both crops now, not after the last step
+  if config.data.final_eval_crop:
+    input_pipeline.check_eval_crop(config.data, 'final_eval_crop')
   cpu_kernels = backend.choose_cpu_kernels(config.cpu_kernels)
   run_options = {**backend.model_defaults(config.model), **cpu_kernels.model_options}
   # One data shard per device (see input_pipeline.Input); this host reads its devices' shards.
@@ -289,8 +292,12 @@ def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints
   return strategy.replicate(state), step, loop
 
 
-def initial_state(strategy: parallel.Parallel, config: Any) -> Any:
-  """The placed initial state: from config.seed, with config.init_from's weights if set."""
+def initial_state(strategy: parallel.Parallel, config: Any, evaluating: bool = False) -> Any:
+  """The placed initial state: from config.seed, with config.init_from's weights if set.
+
+  A classifier for another number of classes is replaced by a fresh one to train
+  from; evaluating it would score a random classifier, so that is an error.
+  """
   state = strategy.init_state(jax.random.key(config.seed))
   if not config.init_from:
     return state
@@ -299,12 +306,41 @@ def initial_state(strategy: parallel.Parallel, config: Any) -> Any:
   fresh = strategy.to_host(state)
   head = (params['head']['kernel'].shape, fresh.params['head']['kernel'].shape)
   if head[0] != head[1]:
+    if evaluating:
+      raise torchvision_weights.WeightsError(
+          f'{config.init_from}: its classifier has {head[0][-1]} classes and '
+          f'{config.data.name} {head[1][-1]}: evaluating it would score a random classifier. '
+          'Train from these weights first (--mode=train with config.init_from), or evaluate '
+          f'on a data set with {head[0][-1]} classes.')
     logging.info('%s: its classifier %s does not fit %s classes: replaced by a fresh one.',
                  config.init_from, head[0], head[1][-1])
     params = {**params, 'head': fresh.params['head']}
+  _check_shapes(config.init_from, config.model.name,
+                {'params': params, 'batch_stats': batch_stats},
+                {'params': fresh.params, 'batch_stats': fresh.batch_stats})
+  if config.data.normalize != 'imagenet_mean_std':
+    logging.warning('%s: torchvision trained these weights on inputs normalised with '
+                    "ImageNet's mean and std; this run normalises with %s (set "
+                    'config.data.normalize=imagenet_mean_std to match them).', config.init_from,
+                    config.data.normalize)
   logging.info('Starting from the weights in %s.', config.init_from)
   # The optimizer's state (momentum) starts at zero, as for any new run.
   return strategy.replicate(fresh.replace(params=params, batch_stats=batch_stats))
+
+
+def _check_shapes(source: str, net: str, loaded: Any, expected: Any) -> None:
+  """Loaded weights must have the configured net's variables and shapes (for example
+  VGG-19's first dense layer depends on data.image_size)."""
+  shapes = lambda tree: {jax.tree_util.keystr(path): np.shape(leaf)
+                         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(loaded), shapes(expected)
+  wrong = [f'{key}: {got.get(key)} instead of {shape}' for key, shape in want.items()
+           if got.get(key) != shape] + [f'{key}: not in this net' for key in got if key not in want]
+  if wrong:
+    from resnet_jax import torchvision_weights  # pylint: disable=g-import-not-at-top
+    raise torchvision_weights.WeightsError(
+        f'{source} does not fit the configured {net} (model and data settings): '
+        + '; '.join(wrong[:5]) + (f' (and {len(wrong) - 5} more)' if len(wrong) > 5 else ''))
 
 
 def create_writer(workdir: epath.Path, resume_step: int | None,

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from resnet_jax import augment, models, optim, parallel
+from resnet_jax import augment, models, optim, parallel, steps
 from resnet_jax import preprocessing as pp
 from resnet_jax.datasets import sample_imagenet
 from tests import helpers
@@ -185,14 +185,66 @@ def test_fully_convolutional_testing_puts_the_whole_image_on_a_canvas(shape, exp
   assert not canvas.numpy()[~valid.numpy()].any()  # zeros around the image
 
 
-def test_masked_pooling_averages_the_image_positions_only():
+def _perturbed(variables, seed):
+  """Variables with random BN scales, biases and running statistics: BN then maps a zero to
+  a non-zero value, as in a trained net (so padding that leaks in would show)."""
+  leaves, tree = jax.tree_util.tree_flatten_with_path(variables)
+  rng = np.random.default_rng(seed)
+  def change(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "'var'" in name:
+      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+    if any(k in name for k in ("'mean'", "'bias'", "'scale'")):
+      return jnp.asarray(rng.normal(0.0, 0.5, leaf.shape) + ("'scale'" in name), leaf.dtype)
+    return leaf
+  return jax.tree_util.tree_unflatten(tree, [change(p, l) for p, l in leaves])
+
+
+@pytest.mark.parametrize('name,canvas,shapes', [
+    ('resnet20', 64, [(40, 48), (37, 61), (64, 64)]),
+    ('resnet18', 96, [(70, 96), (96, 45), (33, 50)]),  # 7x7/2 stem and max pool
+])
+def test_on_a_canvas_each_image_gets_the_logits_it_gets_alone(name, canvas, shapes):
+  """Fully-convolutional testing: images at the top left of a canvas, and their mirrors
+  (steps.mirror_on_canvas), score exactly as each image alone (and its mirror) would."""
+  model = models.create_model(name, 7)
+  rng = np.random.default_rng(0)
+  variables = _perturbed(model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False), 2)
+  images = [jnp.asarray(rng.normal(size=(1, h, w, 3)), jnp.float32) for h, w in shapes]
+  garbage = jnp.asarray(rng.normal(size=(len(shapes), canvas, canvas, 3)), jnp.float32)
+  on_canvas = garbage  # what lies around the image must not matter
+  valid = jnp.zeros((len(shapes), canvas, canvas), bool)
+  for i, image in enumerate(images):
+    h, w = image.shape[1:3]
+    on_canvas = on_canvas.at[i, :h, :w].set(image[0])
+    valid = valid.at[i, :h, :w].set(True)
+  logits = model.apply(variables, on_canvas, train=False, valid=valid)
+  mirrored = model.apply(variables, steps.mirror_on_canvas(on_canvas, valid), train=False,
+                         valid=valid)
+  for i, image in enumerate(images):
+    alone = model.apply(variables, image, train=False)[0]
+    np.testing.assert_allclose(logits[i], alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+    flipped = model.apply(variables, image[:, :, ::-1], train=False)[0]
+    np.testing.assert_allclose(mirrored[i], flipped, rtol=1e-4,
+                               atol=1e-4 * np.abs(flipped).max())
+  assert np.abs(np.asarray(logits) - np.asarray(mirrored)).max() > 1e-2  # mirrors do differ
+
+
+def test_a_canvas_the_image_fills_is_the_plain_network():
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   model = models.create_model('resnet18', 5)
   variables = model.init(jax.random.key(1), x, train=False)
   plain = model.apply(variables, x, train=False)
   everywhere = model.apply(variables, x, train=False, valid=jnp.ones((2, 64, 64), bool))
   np.testing.assert_allclose(everywhere, plain, rtol=1e-5, atol=1e-6)
-  features = jnp.arange(2 * 2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 2, 1)
-  valid = jnp.zeros((2, 64, 64), bool).at[:, :32, :].set(True)  # the top half of the input
-  pooled = models._masked_mean(features, valid, (64, 64))  # pylint: disable=protected-access
-  np.testing.assert_allclose(pooled[:, 0], features[:, 0].mean(axis=(1, 2)))
+
+
+def test_whole_images_on_a_canvas_take_the_per_channel_mean():
+  """A canvas of the crop size holds an image at its top left, not a crop: the per-pixel
+  mean (tied to crop positions) would misalign, so the channels' means apply."""
+  mean = np.random.default_rng(0).uniform(0, 1, (4, 4, 3)).astype(np.float32)
+  aug = augment.DeviceAugment(mean=mean)
+  images = np.full((1, 4, 4, 3), 255, np.uint8)
+  np.testing.assert_allclose(aug.eval(images)[0], 1.0 - mean, rtol=1e-6)
+  np.testing.assert_allclose(aug.eval(images, whole_images=True)[0],
+                             np.broadcast_to(1.0 - mean.mean((0, 1)), (4, 4, 3)), rtol=1e-6)

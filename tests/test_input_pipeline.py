@@ -1,6 +1,7 @@
 """Input pipelines: shapes and ranges, the paper's crops, host shards, determinism, resume."""
 import hashlib
 import itertools
+import os
 import re
 from unittest import mock
 
@@ -212,6 +213,21 @@ def test_thread_counts_above_the_cores_and_budgets_below_the_buffers_are_config_
   config = helpers.small_config(**{'data.data_dir': digits_dir, field: value})
   with pytest.raises(errors.ConfigError, match=re.escape(says)):
     input_pipeline.train_dataset(config, _input(config))
+
+
+def test_per_pixel_mean_of_a_big_split_comes_from_its_first_examples(digits_dir, monkeypatch):
+  """Big splits (ImageNet) average a random sample: tfds stores examples in hashed order."""
+  monkeypatch.setattr(input_pipeline, 'MEAN_EXAMPLES', 100)
+  config = helpers.small_config(**{'data.data_dir': digits_dir, 'data.validation_size': 37})
+  builder = input_pipeline.get_builder(config.data)
+  mean = input_pipeline.per_pixel_mean(builder, 'train[37:]', 32)
+  first = builder.as_dataset(split='train[37:]', shuffle_files=False).take(100).map(
+      lambda ex: pp.resize(pp.decode(ex['image']), 32)).batch(100)
+  expected = next(iter(tfds.as_numpy(first))).astype(np.float64).mean(0) / 255
+  np.testing.assert_allclose(mean, expected, atol=1e-6)
+  monkeypatch.setattr(input_pipeline, 'MEAN_EXAMPLES', 10_000)  # the whole split: another file
+  assert np.abs(input_pipeline.per_pixel_mean(builder, 'train[37:]', 32) - mean).max() > 1e-4
+  assert not [f for f in os.listdir(builder.data_dir) if '.tmp-' in f]  # written, then renamed
 
 
 def test_validation_holdout_splits_the_train_split(digits_dir):

@@ -106,6 +106,10 @@ def test_describe_prints_layers_params_and_multiply_adds():
      "sklearn_digits has no split 'validation'. Available splits: test, train"),
     (['--config.data.name=no_such_data'], "Unknown data set 'no_such_data'"),
     (['--config=configs/cifar10.py:resnet21'], 'use NET or NET,val with NET one of'),
+    # Checked at the start, not after the last step (whose checkpoint it would block).
+    (['--config.data.final_eval_crop=ten_crop'],
+     'config.data.final_eval_crop=ten_crop needs config.data.eval_resize > image_size'),
+    (['--config.data.final_eval_crop=tencrop'], "config.data.final_eval_crop='tencrop'; choose"),
 ])
 def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, digits_dir, args, message):
   result = helpers.run_py(f'--workdir={tmp_path}', f'--config.data.data_dir={digits_dir}', *args,

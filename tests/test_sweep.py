@@ -95,3 +95,33 @@ def test_a_preempted_sweep_stops_and_a_failed_member_does_not(tmp_path, monkeypa
   assert calls == ['plain20', 'resnet20']  # went on after the failure, stopped at SIGTERM
   summary = (tmp_path / 'out' / 'summary.md').read_text()
   assert '| plain20 | failed |' in summary and 'resnet32' not in summary
+
+
+@pytest.mark.parametrize('name,first,count', [
+    ('resnet18', 'stage1_block1/bn1', 16),  # not the 7x7 stem
+    ('resnet50', 'stage1_block1/bn2', 16),  # only each bottleneck's 3x3 conv
+])
+def test_layer_analysis_covers_the_3x3_layers_only(name, first, count):
+  from resnet_jax import analysis, models  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  model = models.create_model(name, 5)
+  images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images, train=False)
+  figures = analysis.analyse(model, variables, images, np.arange(4) % 5)
+  assert figures['layers'][0] == first and len(figures['layers']) == count
+  assert all(len(v) == count for v in figures.values())
+
+
+def test_summary_spreads_finished_seeds_of_each_model(tmp_path):
+  from resnet_jax import sweep  # pylint: disable=import-outside-toplevel
+  row = lambda member, model, status, train, test: {
+      'member': member, 'model': model, 'status': status, 'steps': 10, 'train_error': train,
+      'test_error': test, 'best_test_error': test}
+  sweep.write_summary(tmp_path, [
+      row('resnet20-seed0', 'resnet20', 'finished', 0.10, 0.12),
+      row('resnet20-seed1', 'resnet20', 'finished', 0.12, 0.13),
+      row('resnet20-seed2', 'resnet20', 'unfinished', 0.50, 0.50),  # not in the spread
+      row('plain20-seed0', 'plain20', 'finished', 0.2, 0.21)])
+  lines = (tmp_path / 'summary.md').read_text().splitlines()
+  assert '| resnet20 | 2 | 11.00% +- 1.00% | 12.50% +- 0.50% |' in lines
+  assert '| plain20 | 1 | 20.00% +- 0.00% | 21.00% +- 0.00% |' in lines

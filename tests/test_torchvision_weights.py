@@ -215,23 +215,30 @@ def test_reader_agrees_with_the_safetensors_package(tmp_path):
 
 
 def test_unreadable_files(tmp_path):
-  with pytest.raises(ValueError, match='.ckpt'):
+  """Each is the user's error (WeightsError, a one-line message) naming the file."""
+  with pytest.raises(tw.WeightsError, match='weights.ckpt: use a .safetensors, .npz'):
     tw.load_state_dict(tmp_path / 'weights.ckpt')
+  with pytest.raises(tw.WeightsError, match='missing.npz does not exist'):
+    tw.load_state_dict(tmp_path / 'missing.npz')
+  (tmp_path / 'bad.npz').write_bytes(b'not a zip file')
+  with pytest.raises(tw.WeightsError, match='bad.npz is not a readable .npz file'):
+    tw.load_state_dict(tmp_path / 'bad.npz')
   (tmp_path / 'bad.safetensors').write_bytes(b'\xff' * 16)
-  with pytest.raises(ValueError, match='not a safetensors file'):
+  with pytest.raises(tw.WeightsError, match='not a safetensors file'):
     tw.load_state_dict(tmp_path / 'bad.safetensors')
   (tmp_path / 'bad.safetensors').write_bytes((4).to_bytes(8, 'little') + b'\xff\xfe{}')
-  with pytest.raises(ValueError, match='header is not JSON'):
+  with pytest.raises(tw.WeightsError, match='header is not JSON'):
     tw.load_state_dict(tmp_path / 'bad.safetensors')
   write_safetensors(tmp_path / 'short.safetensors', {'w': np.zeros((2, 3), np.float32)})
   data = (tmp_path / 'short.safetensors').read_bytes()
   (tmp_path / 'short.safetensors').write_bytes(data[:-4])  # truncated
-  with pytest.raises(ValueError, match="tensor 'w' has offsets 0..24"):
+  with pytest.raises(tw.WeightsError, match="tensor 'w' has offsets 0..24"):
     tw.load_state_dict(tmp_path / 'short.safetensors')
   try:
     import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    with pytest.raises(ImportError, match='needs PyTorch.*safetensors or .npz'):
+    (tmp_path / 'weights.pth').write_bytes(b'')
+    with pytest.raises(tw.WeightsError, match='needs PyTorch.*safetensors or .npz'):
       tw.load_state_dict(tmp_path / 'weights.pth')
 
 
@@ -409,3 +416,33 @@ def test_torchvision_weights_start_a_run_and_evaluate(tmp_path, digits_dir):
   np.testing.assert_array_equal(state['params']['stage2_block1']['conv1']['kernel'],
                                 params['stage2_block1']['conv1']['kernel'])
   np.testing.assert_array_equal(state['params']['head']['kernel'], params['head']['kernel'])
+
+
+def test_evaluating_weights_with_another_classifier_is_refused(tmp_path, digits_dir):
+  """A 1000-class classifier on a 10-class data set: training replaces it by a fresh one;
+  evaluating would score a random classifier, so --mode=eval stops and says why."""
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  weights = tmp_path / 'resnet18.npz'
+  np.savez(weights, **fixture.random_torchvision_state_dict('resnet18', 1000, seed=5))
+  result = helpers.run_py('--mode=eval', f'--workdir={tmp_path / "eval"}',
+                          '--config=configs/default.py', f'--config.data.data_dir={digits_dir}',
+                          '--config.model.name=resnet18', f'--config.init_from={weights}',
+                          check=False)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert 'its classifier has 1000 classes and sklearn_digits 10' in result.stderr
+  assert 'random classifier' in result.stderr
+
+
+def test_weights_that_do_not_fit_the_configured_net_name_the_variables():
+  """E.g. VGG-19's first dense layer, whose shape follows data.image_size."""
+  from resnet_jax import train  # pylint: disable=import-outside-toplevel
+  expected = {'params': {'fc1': {'kernel': np.zeros((512, 4096))}, 'head': {'bias': np.zeros(3)}}}
+  loaded = {'params': {'fc1': {'kernel': np.zeros((25088, 4096))}, 'head': {'bias': np.zeros(3)},
+                       'extra': np.zeros(1)}}
+  with pytest.raises(tw.WeightsError) as raised:
+    train._check_shapes('vgg.npz', 'vgg19', loaded, expected)  # pylint: disable=protected-access
+  message = str(raised.value)
+  assert "vgg.npz does not fit the configured vgg19" in message
+  assert "['params']['fc1']['kernel']: (25088, 4096) instead of (512, 4096)" in message
+  assert "['params']['extra']: not in this net" in message
+  train._check_shapes('vgg.npz', 'vgg19', expected, expected)  # pylint: disable=protected-access
