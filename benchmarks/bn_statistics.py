@@ -11,7 +11,9 @@ layer, the eval-mode response std (what the report plots), the ratio of each
 data's variance to the running variance (median and worst channel), and the
 channels behind the largest responses. Running statistics that are right give
 ratios near 1 on training batches; ratios near 1 on training batches but far
-from it on eval images mean the two inputs differ, not the statistics.
+from it on eval images mean the two inputs differ, not the statistics; and
+with right statistics a large response is the BN's learned scale (in train
+mode each channel's response std is |scale|).
 """
 from __future__ import annotations
 
@@ -115,6 +117,8 @@ def main(_):
     worst = np.argsort(response)[::-1][:3]
     rows.append({
         'layer': name, 'eval_mode_std': float(response.mean()),
+        # In train mode each channel's response std is |scale| (batch statistics).
+        'mean_abs_scale': float(np.abs(scales[name]).mean()),
         'var_ratio_eval_median': float(np.median(eval_ratio)),
         'var_ratio_train_median': float(np.median(train_ratio)),
         'worst_channels': [{

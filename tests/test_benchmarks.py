@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from tests import helpers
 
 BLOCK = ('import sys\n'
@@ -94,3 +96,28 @@ def test_compare_trees_times_two_source_trees_in_turns():
   assert [row[0] for row in rows] == ['one', 'two']
   assert rows[0][7] == '1.000' and float(rows[1][1]) > 0  # the first tree's ratio to itself
   assert len(rows[1]) == 15  # name, img/s, the ratios, and one block per round
+
+
+def test_bn_statistics_compares_running_and_batch_statistics(straight):
+  """On a trained run: per 3x3 layer, the eval-mode response and the variance of each BN's
+  input on eval images and on training batches against its running variance."""
+  import json  # pylint: disable=import-outside-toplevel
+  script = os.path.join(helpers.REPO, 'benchmarks', 'bn_statistics.py')
+  out = subprocess.run([sys.executable, script, f'--workdir={straight}', '--examples=64'],
+                       capture_output=True, text=True, check=False, cwd=helpers.REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout)
+  assert result['step'] == 24
+  layers = result['layers']
+  assert [r['layer'] for r in layers[:2]] == ['stem_bn', 'stage1_block1/bn1'] and len(layers) == 19
+  for r in layers:
+    assert r['var_ratio_train_median'] > 0 and r['mean_abs_scale'] > 0
+    assert len(r['worst_channels']) == 3
+  # From the moments of each BN's input, the same eval-mode responses as the report's
+  # analysis measures on the BN outputs of the same 64 images.
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from resnet_jax import config_lib, report, train  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_saved_config(straight, default.get_config(), {})
+  measured = report.analyse_member(config, train.setup(config), straight, max_examples=64)
+  np.testing.assert_allclose([r['eval_mode_std'] for r in layers],
+                             measured['final']['response_std_eval'], rtol=2e-3)
