@@ -210,14 +210,17 @@ def _stats_path(builder: tfds.core.DatasetBuilder, split: str, size: int, first:
 def per_pixel_mean(builder: tfds.core.DatasetBuilder, split: str, size: int) -> np.ndarray:
   """Mean image of `split` (at most MEAN_EXAMPLES of it) at size x size in [0, 1] (of the
   uint8 images the pipeline sends), computed once and cached beside the data."""
-  num_examples = builder.info.splits[split].num_examples
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except KeyError:  # no split metadata (tfds mock data): read it all
+    num_examples = 0
   first = MEAN_EXAMPLES if num_examples > MEAN_EXAMPLES else 0
   path = _stats_path(builder, split, size, first)
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path, 'rb') as f:
       return np.load(f)
-  logging.info('Computing the per-pixel mean of %d images of %s %s at %dx%d (once; cached '
-               'at %s).', first or num_examples, builder.name, split, size, size, path)
+  logging.info('Computing the per-pixel mean of %s images of %s %s at %dx%d (once; cached '
+               'at %s).', first or num_examples or 'all', builder.name, split, size, size, path)
   image_key, _ = image_and_label_keys(builder)
   ds = builder.as_dataset(split=split, shuffle_files=False)
   ds = ds.take(first) if first else ds
