@@ -164,13 +164,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   for name, info in header.items():
     if info['dtype'] not in _SAFETENSORS_DTYPES:
       raise WeightsError(f'{path}: tensor {name!r} has dtype {info["dtype"]}, which numpy '
-                       f'cannot hold.')
+                         f'cannot hold.')
     dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
     begin, end = info['data_offsets']
     shape = tuple(info['shape'])
     if not 0 <= begin <= end <= len(buffer) or end - begin != int(np.prod(shape)) * dtype.itemsize:
       raise WeightsError(f'{path}: tensor {name!r} has offsets {begin}..{end}, which do not '
-                       f'hold shape {shape} of {info["dtype"]} in a {len(buffer)}-byte buffer.')
+                         f'hold shape {shape} of {info["dtype"]} in a {len(buffer)}-byte buffer.')
     arrays[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)), begin).reshape(shape)
   return arrays
 
