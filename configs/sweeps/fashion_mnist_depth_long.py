@@ -12,8 +12,9 @@ by 10 at 50% and 75% of training, option A, per-pixel mean, 4-pixel padding,
 crops and flips): long enough that the test error of the last third of
 training moves by a fraction of a point. ResNet-20 and ResNet-56 train with
 two seeds each, for the spread. Members run in the order below, the
-claim the 3-epoch study left open (ResNet-56 against ResNet-20) first; the
-sweep resumes where it stopped.
+claim the 3-epoch study left open (ResNet-56 against ResNet-20) first, then
+the second seeds of those two, then ResNet-32; the sweep resumes where it
+stopped.
 """
 from configs.sweeps import fashion_mnist_depth
 
@@ -31,6 +32,6 @@ def get_config():
 
 
 def get_sweep():
-  members = [('resnet20', 0), ('resnet56', 0), ('plain56', 0), ('plain20', 0), ('resnet32', 0),
-             ('resnet20', 1), ('resnet56', 1)]
+  members = [('resnet20', 0), ('resnet56', 0), ('plain56', 0), ('plain20', 0),
+             ('resnet20', 1), ('resnet56', 1), ('resnet32', 0)]
   return {f'{name}-seed{seed}': {'model.name': name, 'seed': seed} for name, seed in members}
