@@ -1,4 +1,5 @@
 """Sweeps and the report: members in their own workdirs, resumable, summary and figures."""
+import importlib
 import json
 import os
 
@@ -6,6 +7,9 @@ import numpy as np
 
 import pytest
 
+from resnet_jax import models
+from resnet_jax import optim
+from resnet_jax import sweep
 from tests import helpers
 
 SWEEP = '''
@@ -76,7 +80,7 @@ def test_sweep_then_report(tmp_path, digits_dir):
 
 def test_a_preempted_sweep_stops_and_a_failed_member_does_not(tmp_path, monkeypatch):
   from configs import default
-  from resnet_jax import sweep, train
+  from resnet_jax import train
   sweep_file = tmp_path / 'sweep.py'
   sweep_file.write_text(SWEEP.replace("'resnet20'}]", "'resnet20'}, {'model.name': 'resnet32'}]"))
   calls = []
@@ -113,7 +117,6 @@ def test_layer_analysis_covers_the_3x3_layers_only(name, first, count):
 
 
 def test_summary_spreads_finished_seeds_of_each_model(tmp_path):
-  from resnet_jax import sweep  # pylint: disable=import-outside-toplevel
   row = lambda member, model, status, train, test: {
       'member': member, 'model': model, 'status': status, 'steps': 10, 'train_error': train,
       'test_error': test, 'best_test_error': test}
@@ -130,9 +133,7 @@ def test_summary_spreads_finished_seeds_of_each_model(tmp_path):
 @pytest.mark.parametrize('name', ['cifar10_depth', 'fashion_mnist_depth', 'fashion_mnist_depth_long'])
 def test_shipped_sweeps_resolve_to_valid_members(name):
   """A bad field or model name in a sweep file must fail here, not hours into the sweep."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  from resnet_jax import models, optim, sweep  # pylint: disable=g-import-not-at-top
-  path = f'configs/sweeps/{name}.py'
+  path = os.path.join(helpers.REPO, 'configs', 'sweeps', f'{name}.py')
   base = importlib.import_module(f'configs.sweeps.{name}').get_config()
   members = sweep.load_sweep(path)
   assert len(members) >= 4
