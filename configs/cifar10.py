@@ -28,8 +28,6 @@ def get_config(arg: str = 'resnet20'):
   c.data.image_size = 32
   c.data.train_augment = 'pad_crop_flip'
   c.data.normalize = 'per_pixel_mean'
-  c.data.cache = True
-  c.data.shuffle_buffer = 50_000
   # The paper chose its schedule on a 45k/5k train/val split, then trained on all 50k.
   c.data.validation_size = 5000 if 'val' in flags else 0
 

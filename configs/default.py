@@ -39,7 +39,7 @@ def get_config() -> config_dict.ConfigDict:
   # WORKDIR/config.json records what it resolved to (cpu_kernels_used).
   c.cpu_kernels = 'auto'
 
-  # --- Data (resnet_jax.input_pipeline). ---
+  # --- Data (resnet_jax/data: tfds data sets prepared as ArrayRecord, read with grain). ---
   c.data = config_dict.ConfigDict()
   c.data.name = 'sklearn_digits'         # any tfds image-classification data set
   c.data.data_dir = config_dict.placeholder(str)    # tfds data_dir (None: tfds default)
@@ -70,14 +70,12 @@ def get_config() -> config_dict.ConfigDict:
   # At the last step, evaluate once more with this crop ('' = not): metrics
   # eval_<crop>_top1_error etc. (the paper's ImageNet recipe: 'ten_crop').
   c.data.final_eval_crop = ''
-  c.data.cache = True                    # keep the train split in memory (small data sets)
-  # Examples per host in one shuffle buffer. Without the cache, an epoch is read
-  # as buffer loads of randomly chosen record blocks, each shuffled in full; a
-  # resumed run reads at most one load to get back to its place.
-  c.data.shuffle_buffer = 10_000
-  c.data.prefetch = 2                    # batches prefetched to the devices
-  c.data.threads = 0                     # tf.data's thread pool per host (0: tf.data's default)
-  c.data.ram_budget_gb = 0.0             # tf.data's autotune RAM budget (0: its default)
+  # Reading (resnet_jax/data, grain). Batches do not depend on these: only speed and memory.
+  c.data.workers = 0                     # grain worker processes per host (0: none; -1: one per core)
+  c.data.threads = 0                     # decoding threads per process (0: one per core)
+  c.data.worker_buffer = 2               # batches each worker keeps ready
+  c.data.read_buffer = 2                 # batches each process reads ahead
+  c.data.prefetch = 2                    # batches on their way to the devices
 
   # --- Optimisation. ---
   c.batch_size = 128                     # global, over all devices and hosts

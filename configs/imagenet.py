@@ -46,8 +46,7 @@ def get_config(arg: str = 'resnet50'):
   c.data.eval_resize = 256
   c.data.eval_crop = 'center'
   c.data.final_eval_crop = 'ten_crop'
-  c.data.cache = False
-  c.data.shuffle_buffer = 10_000
+  c.data.workers = -1                # one grain worker process per host core: JPEG decoding
 
   c.batch_size = 256
   c.eval_batch_size = 256

@@ -12,7 +12,7 @@ from absl import logging as absl_logging
 from resnet_jax import config_lib
 from resnet_jax import errors
 
-MODES = ('train', 'eval', 'describe', 'prepare', 'sweep', 'report', 'export')
+MODES = ('train', 'eval', 'describe', 'prepare', 'convert', 'sweep', 'report', 'export')
 CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 # Libraries whose INFO lines drown the training log (warnings still show).
@@ -108,10 +108,19 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *, ch
     print(summary.describe(model, (size, size, 3), config.model.name))
     return
   if mode == 'prepare':
-    from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    builder = input_pipeline.prepare(config.data)
+    from resnet_jax.data import builders  # pylint: disable=g-import-not-at-top
+    builder = builders.prepare(config.data)
     print(f'{builder.name} is ready in {builder.data_dir}: '
           f'{ {str(k): v.num_examples for k, v in builder.info.splits.items()} }')
+    return
+  if mode == 'convert':
+    from resnet_jax.data import builders, convert  # pylint: disable=g-import-not-at-top
+    builder = builders.get_builder(config.data, prepare=False)
+    if not builder.is_prepared():
+      raise SystemExit(f'{builder.name} is not prepared in {builder.data_dir_root}: nothing to '
+                       'convert (--mode=prepare writes ArrayRecord directly).')
+    count = convert.convert(builder.data_dir)
+    print(f'{builder.name} in {builder.data_dir}: {count} records converted to ArrayRecord.')
     return
   if not workdir:
     raise SystemExit(f'--mode={mode} needs --workdir=DIR.')
@@ -154,7 +163,7 @@ def _train_or_sweep(mode: str, config: ml_collections.ConfigDict, workdir: str,
 def _describe_classes(config: ml_collections.ConfigDict) -> int:
   """The data set's class count, read from tfds metadata (no data needed), else 1000/10."""
   try:
-    from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    return input_pipeline.num_classes(input_pipeline.get_builder(config.data, prepare=False))
+    from resnet_jax.data import builders  # pylint: disable=g-import-not-at-top
+    return builders.num_classes(builders.get_builder(config.data, prepare=False))
   except Exception:  # pylint: disable=broad-except  (describe must work without tfds data)
     return 1000 if config.data.image_size >= 128 else 10

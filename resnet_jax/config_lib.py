@@ -13,9 +13,11 @@ from resnet_jax import errors
 from resnet_jax import paths
 
 # Fields of earlier versions that config.json files may still hold: dropped on
-# load (the CPU speed-ups they named now come from config.cpu_kernels).
+# load (the CPU speed-ups they named now come from config.cpu_kernels; the tf.data
+# pipeline's cache and shuffle buffer went with it: grain reads with random access).
 RETIRED_FIELDS = ('model.materialize_blocks', 'model.pad_narrow_convs', 'model.onednn_convs',
-                  'model.onednn_kernel_grads')
+                  'model.onednn_kernel_grads', 'data.cache', 'data.shuffle_buffer',
+                  'data.ram_budget_gb')
 # What a run recorded about the machine it ran on: informative, never re-applied.
 MACHINE_FIELDS = ('cpu_kernels_used',)
 

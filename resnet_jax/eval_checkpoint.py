@@ -6,9 +6,9 @@ from typing import Any
 import jax
 
 from resnet_jax import checkpointing
-from resnet_jax import input_pipeline
 from resnet_jax import paths
 from resnet_jax import train
+from resnet_jax.data import eval_stream
 
 
 def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dict[str, Any]:
@@ -25,8 +25,7 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dic
     step = ckpt.resolve(which)
     state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
     state = strategy.replicate(state)
-  metrics = train.evaluate(strategy, state, input_pipeline.eval_batches(
-      config, inp, input_pipeline.eval_dataset(config, inp)))
+  metrics = train.evaluate(strategy, state, eval_stream.eval_batches(config.data, inp))
   result = {
       'step': step,
       'checkpoint': which,

@@ -30,10 +30,10 @@ from resnet_jax import analysis
 from resnet_jax import checkpointing
 from resnet_jax import config_lib
 from resnet_jax import errors
-from resnet_jax import input_pipeline
 from resnet_jax import paths
 from resnet_jax import sweep
 from resnet_jax import train
+from resnet_jax.data import eval_stream
 
 def members(sweep_dir: epath.Path) -> list[str]:
   if not sweep_dir.is_dir():
@@ -75,10 +75,8 @@ def analyse_member(config: Any, run: train.Setup, workdir: Any,
                    max_examples: int = 256) -> dict[str, dict[str, list[float]]]:
   """Per-layer responses and gradient norms (analysis.py) at initialisation and at the last
   checkpoint, on the first `max_examples` images of the eval split."""
-  centre = config.copy_and_resolve_references()  # one view per image, whatever the run used
-  centre.data.eval_crop = 'center'
-  batch = next(input_pipeline.eval_batches(centre, run.inp,
-                                           input_pipeline.eval_dataset(centre, run.inp)))
+  # One view per image (the centre crop), whatever the run evaluated with.
+  batch = eval_stream.eval_dataset(config.data, run.inp, crop='center')[0]
   keep = batch['mask'].astype(bool)
   count = min(int(keep.sum()), max_examples)
   group = config.model.get('bn_group_size') or 0

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax import augment as augment_lib
+from resnet_jax.data import device_augment as augment_lib
 from resnet_jax import optim
 
 

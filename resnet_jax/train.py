@@ -8,13 +8,11 @@ and maintenance) finishes the current step, saves and returns.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import math
 import signal
 import threading
-import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -22,20 +20,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
-from clu import periodic_actions
 from etils import epath
 
-from resnet_jax import augment as augment_lib
+from resnet_jax.data import device_augment as augment_lib
 from resnet_jax import backend
 from resnet_jax import checkpointing
 from resnet_jax import errors
-from resnet_jax import input_pipeline
 from resnet_jax import models
 from resnet_jax import optim
 from resnet_jax import parallel
 from resnet_jax import paths
+from resnet_jax import run_log
+from resnet_jax.data import eval_stream
+from resnet_jax.data import host_preprocess
+from resnet_jax.data import inputs as inputs_lib
+from resnet_jax.data import normalization
+from resnet_jax.data import train_stream
 
 
 def clu_metrics_from_sums(sums: dict[str, Any]) -> clu_metrics.Collection:
@@ -56,63 +57,6 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
 def every(value: int, steps_per_epoch: int) -> int:
   """A period in steps; 0 means once per epoch."""
   return value if value > 0 else steps_per_epoch
-
-
-class JsonlWriter(metric_writers.interface.MetricWriter):
-  """Appends one JSON object per `write_scalars` call to a file: {'step': ..., **scalars}.
-
-  The file may be on gs:// (epath); on resume, lines past the checkpoint are
-  dropped, since the resumed run writes them again.
-  """
-
-  def __init__(self, path: epath.Path, resume_step: int | None = None,
-               eval_pending: bool = False):
-    self.path = path
-    if resume_step is not None and path.exists():
-      def kept(line: dict[str, Any]) -> bool:
-        if eval_pending and line['step'] == resume_step:  # it is evaluated again
-          return not any(key.startswith('eval_') for key in line)
-        return line['step'] <= resume_step
-      keep = [line + '\n' for line in path.read_text().splitlines()
-              if line.strip() and kept(json.loads(line))]
-      path.write_text(''.join(keep))
-    elif path.exists():
-      path.unlink()
-    # epath opens gs:// files as a context manager: keep it open for the run.
-    self._files = contextlib.ExitStack()
-    self._file = self._files.enter_context(path.open('a'))
-
-  def write_scalars(self, step, scalars):
-    self._file.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
-                     + '\n')
-    self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    self._file.flush()
-
-  def close(self):
-    self._files.close()
 
 
 class Preempted(Exception):
@@ -156,35 +100,6 @@ class Preemption:
     return self._event.is_set()
 
 
-class TrainClock:
-  """Wall time spent training: evaluation and checkpoint saves are left out.
-
-  Steps run asynchronously, so a paused section first waits for the steps in
-  flight (they are training time).
-  """
-
-  def __init__(self, step: int):
-    self._start = time.monotonic()
-    self._paused = 0.0
-    self._last = (0.0, step)  # (training seconds, step) at the last reading
-
-  @contextlib.contextmanager
-  def paused(self, in_flight: Any):
-    jax.block_until_ready(in_flight)
-    start = time.monotonic()
-    try:
-      yield
-    finally:
-      self._paused += time.monotonic() - start
-
-  def images_per_sec(self, step: int, batch_size: int) -> float:
-    """Images per second of training since the last call."""
-    seconds = time.monotonic() - self._start - self._paused
-    last_seconds, last_step = self._last
-    self._last = (seconds, step)
-    return batch_size * (step - last_step) / max(seconds - last_seconds, 1e-9)
-
-
 def save_config(config: Any, workdir: epath.Path, cpu_kernels_used: str) -> None:
   """WORKDIR/config.json: the config, and what config.cpu_kernels resolved to here."""
   if jax.process_index() == 0:
@@ -196,7 +111,7 @@ def save_config(config: Any, workdir: epath.Path, cpu_kernels_used: str) -> None
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What a run trains and evaluates with: data, the parallel strategy, the step count."""
-  inp: input_pipeline.Input
+  inp: inputs_lib.Input
   strategy: parallel.Parallel
   steps_total: int
   cpu_kernels_used: str
@@ -217,26 +132,25 @@ def setup(config: Any) -> Setup:
     raise errors.ConfigError('Multi-scale testing needs a fully-convolutional net (a ResNet or '
                              "plain net); vgg19's classifier takes one input size.")
   parallel.check_batch_sizes(config, jax.device_count())
-  input_pipeline.check_eval_crop(config.data)  # both crops now, not after the last step
+  host_preprocess.check_eval_crop(config.data)  # both crops now, not after the last step
   if config.data.final_eval_crop:
-    input_pipeline.check_eval_crop(config.data, 'final_eval_crop')
+    host_preprocess.check_eval_crop(config.data, 'final_eval_crop')
   cpu_kernels = backend.choose_cpu_kernels(config.cpu_kernels)
   run_options = {**backend.model_defaults(config.model), **cpu_kernels.model_options}
-  # One data shard per device (see input_pipeline.Input); this host reads its devices' shards.
-  devices = jax.devices()
-  shards = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
-  inp = input_pipeline.create_input(config, shards, len(devices), jax.process_index(),
-                                    jax.process_count())
-  logging.info('Host %d of %d trains on %s %s (data shards %s of %d) and evaluates on %s.',
-               jax.process_index(), jax.process_count(), config.data.name, inp.splits.train,
-               shards, len(devices),
-               input_pipeline.describe_split(input_pipeline.part_of_split(
-                   inp.splits.eval, jax.process_index(), jax.process_count())))
+  inp = inputs_lib.create_input(
+      config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      host_rows=host_rows(config.batch_size), process_index=jax.process_index(),
+      process_count=jax.process_count())
+  logging.info('Host %d of %d trains on rows %s of each global batch of %s %s and evaluates '
+               'on its part %d of %d of %s.', jax.process_index(), jax.process_count(),
+               inp.host_rows, config.data.name, inp.splits.train, jax.process_index() + 1,
+               jax.process_count(), inp.splits.eval)
   steps_total = total_steps(config, inp.steps_per_epoch)
   schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)
   tx = optim.create_optimizer(config)
   input_shape = (config.data.image_size, config.data.image_size, 3)
-  augment = input_pipeline.device_augment(inp.builder, config, inp.splits.train)
+  augment = normalization.device_augment(config.data, inp.builder, inp.splits.train,
+                                         inputs_lib.derive_seed(config.seed, 'augment'))
   strategy = parallel.create(
       config,
       lambda axis: models.create_model_from_config(config.model, inp.num_classes,
@@ -245,9 +159,21 @@ def setup(config: Any) -> Setup:
   return Setup(inp, strategy, steps_total, cpu_kernels.description, augment)
 
 
+def host_rows(batch_size: int) -> tuple[int, int]:
+  """The rows of each global batch that this host's devices hold: the batch is split over
+  all devices in jax.devices() order (parallel.py), so a host's rows are contiguous."""
+  devices = jax.devices()
+  mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+  if mine != list(range(mine[0], mine[-1] + 1)):
+    raise errors.ConfigError(f'Host {jax.process_index()} holds devices {mine} of '
+                             f'{len(devices)}, not a contiguous range: unsupported layout.')
+  per_device = batch_size // len(devices)
+  return mine[0] * per_device, (mine[-1] + 1) * per_device
+
+
 def evaluate(strategy: parallel.Parallel, state: Any, batches: Iterable[dict[str, Any]],
              stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-  """Loss and errors over every example of an eval split (`input_pipeline.eval_batches`),
+  """Loss and errors over every example of an eval split (`eval_stream.eval_batches`),
   each counted once.
 
   `stop` is asked before each batch (a preemption); when it says yes the
@@ -343,16 +269,6 @@ def _check_shapes(source: str, net: str, loaded: Any, expected: Any) -> None:
         + '; '.join(wrong[:5]) + (f' (and {len(wrong) - 5} more)' if len(wrong) > 5 else ''))
 
 
-def create_writer(workdir: epath.Path, resume_step: int | None,
-                  eval_pending: bool = False) -> metric_writers.MetricWriter:
-  """TensorBoard + logging + metrics.jsonl on the first host; logging elsewhere."""
-  if jax.process_index() > 0:
-    return metric_writers.create_default_writer(just_logging=True)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(str(workdir)),
-      JsonlWriter(workdir / 'metrics.jsonl', resume_step, eval_pending)])
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or continues training) in `workdir` (a local path or gs://...).
 
@@ -367,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   save_config(config, workdir, run.cpu_kernels_used)
   # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
   pending_eval = bool(loop.get('pending_eval'))
-  writer = create_writer(workdir, step if step else None, pending_eval)
+  writer = run_log.create_writer(workdir, step if step else None, pending_eval)
   if step == 0:
     writer.write_hparams(_flatten(config))
 
@@ -382,21 +298,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log_every = config.log_every_steps
   eval_every = every(config.eval_every_steps, inp.steps_per_epoch)
   ckpt_every = every(config.checkpoint_every_steps, inp.steps_per_epoch)
-  progress = periodic_actions.ReportProgress(num_train_steps=steps_total, writer=writer,
-                                             every_steps=log_every)
-  hooks = [progress]
-  if config.profile and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5,
-                                          first_profile=step + 10))
+  progress = run_log.Progress(writer, steps_total, log_every, step)
+  profile_steps = (step + 10, step + 15) if config.profile and jax.process_index() == 0 else None
 
   # Training metrics accumulated since the last log line; they survive preemption.
   window = loop.get('train_sums')
   window = strategy.replicate({k: np.float32(v) for k, v in window.items()}) if window else None
   eval_metrics: dict[str, float] = {}
-  batches = _prefetch(input_pipeline.train_iterator(config, inp, step), strategy.put_batch,
-                      config.data.prefetch)
-  eval_data = input_pipeline.eval_dataset(config, inp)
-  clock = TrainClock(step)
+  batches = _prefetch(train_stream.train_iterator(config.data, inp, seed=config.seed,
+                                                 start_step=step, num_steps=steps_total - step),
+                      strategy.put_batch, config.data.prefetch)
+  clock = run_log.TrainClock(step)
   preempted = False
   with Preemption() as preemption:
     while step < steps_total or pending_eval:
@@ -406,8 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = strategy.train_step(state, next(batches))
         window = metrics if window is None else _accumulate(window, metrics)
         step += 1
-        for hook in hooks:
-          hook(step)
+        progress(step)
+        if profile_steps:
+          _profile(profile_steps, step, workdir)
         if step % log_every == 0 or step == steps_total:
           train = _log_train(writer, strategy, window, step, ckpt)
           window = None
@@ -418,9 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluated, resumed_eval = step % eval_every == 0 or step == steps_total, False
 
       if evaluated:
-        with clock.paused(state), progress.timed('eval'):
-          step_metrics = evaluate(strategy, state,
-                                  input_pipeline.eval_batches(config, inp, eval_data),
+        with clock.paused(state):
+          step_metrics = evaluate(strategy, state, eval_stream.eval_batches(config.data, inp),
                                   stop=preemption.reached)
           if step_metrics is not None and step == steps_total and config.data.final_eval_crop:
             step_metrics = _final_evaluation(config, inp, strategy, state, step_metrics,
@@ -462,20 +374,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return eval_metrics
 
 
-def _final_evaluation(config: Any, inp: input_pipeline.Input, strategy: parallel.Parallel,
+def _final_evaluation(config: Any, inp: inputs_lib.Input, strategy: parallel.Parallel,
                       state: Any, metrics: dict[str, float],
                       preemption: Preemption) -> dict[str, float] | None:
   """The last step's evaluation once more with config.data.final_eval_crop (the paper's
   ImageNet protocol reports 10-crop error), as eval_<crop>_* metrics; None if stopped."""
   crop = config.data.final_eval_crop
-  final_config = config.copy_and_resolve_references()
-  final_config.data.eval_crop = crop
-  dataset = input_pipeline.eval_dataset(final_config, inp)
-  final = evaluate(strategy, state, input_pipeline.eval_batches(final_config, inp, dataset),
+  final = evaluate(strategy, state, eval_stream.eval_batches(config.data, inp, crop=crop),
                    stop=preemption.reached)
   if final is None:
     return None
   return {**metrics, **{k.replace('eval_', f'eval_{crop}_', 1): v for k, v in final.items()}}
+
+
+def _profile(steps: tuple[int, int], step: int, workdir: epath.Path) -> None:
+  """A jax profiler trace of steps [first, last) into the workdir (TensorBoard's profile tab)."""
+  if step == steps[0]:
+    jax.profiler.start_trace(str(workdir))
+  elif step == steps[1]:
+    jax.profiler.stop_trace()
 
 
 def _save(ckpt: checkpointing.Checkpoints, strategy: parallel.Parallel, step: int, state: Any,

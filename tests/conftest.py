@@ -26,10 +26,20 @@ TRAIN = ['--config.batch_size=16', '--config.eval_batch_size=64', '--config.log_
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory):
   """A tfds data_dir with sklearn_digits prepared (about a second)."""
-  from resnet_jax import input_pipeline
+  from resnet_jax.data import builders
   from tests import helpers
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.get_builder(helpers.small_config(**{'data.data_dir': data_dir}).data)
+  builders.get_builder(helpers.small_config(**{'data.data_dir': data_dir}).data)
+  return data_dir
+
+
+@pytest.fixture(scope='session')
+def photos_dir(tmp_path_factory):
+  """A tfds data_dir with sample_photos prepared: 40 train and 8 test JPEGs of real photos
+  (long side 120), written without TensorFlow (a few seconds)."""
+  from resnet_jax.datasets import sample_photos
+  data_dir = str(tmp_path_factory.mktemp('photos'))
+  sample_photos.prepare(data_dir, num_train=40, num_test=8, long_side=120)
   return data_dir
 
 

@@ -326,9 +326,9 @@ def test_a_workdir_written_before_the_pure_model_evaluates_and_resumes(tmp_path,
 
 
 def test_export_gives_the_eval_models_logits_for_any_batch_size(trained, tmp_path):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
-  from resnet_jax import backend, checkpointing, config_lib, export, input_pipeline, models, train  # pylint: disable=import-outside-toplevel
+  from resnet_jax import backend, checkpointing, config_lib, export, models, train  # pylint: disable=import-outside-toplevel
+  from resnet_jax.data import eval_stream  # pylint: disable=import-outside-toplevel
   workdir = _copy(trained, tmp_path)
   out = helpers.run_py('--mode=export', f'--workdir={workdir}')
   info = json.loads(out.stdout[out.stdout.index('{'):])
@@ -346,7 +346,7 @@ def test_export_gives_the_eval_models_logits_for_any_batch_size(trained, tmp_pat
   ckpt.close()
   model = models.create_model_from_config(config.model, run.inp.num_classes,
                                           **backend.model_defaults(config.model))
-  images = next(iter(tfds.as_numpy(input_pipeline.eval_dataset(config, run.inp))))['image']
+  images = eval_stream.eval_dataset(config.data, run.inp)[0]['image']
   images = np.asarray(run.augment.eval(images))  # the normalised inputs --mode=eval's model sees
   for batch in (images[:1], images[:7]):
     want = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch,

@@ -2,17 +2,12 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from tests import helpers
-
-# tfds mock data (random examples, no files); the data sets count as prepared.
-MOCK = ('from unittest import mock\n'
-        'import tensorflow_datasets as tfds\n'
-        '_data = tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE)\n'
-        '_data.__enter__()\n'
-        'mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True).start()\n')
 
 FEW_STEPS = ['--config.num_train_steps=4', '--config.batch_size=16', '--config.eval_batch_size=24',
              '--config.log_every_steps=2', '--config.eval_every_steps=2',
@@ -52,23 +47,26 @@ def test_quickstart_few_steps(tmp_path, digits_dir, mode):
   check_workdir(tmp_path, 4, 360)
 
 
-def test_cifar10_paper_config_on_mock_data(tmp_path):
+def test_cifar10_paper_config_on_digits(tmp_path, digits_dir):
+  # The CIFAR recipe (pad, crop and flip, BN groups) on a fixed-size PNG data set.
   helpers.run_py('--config=configs/cifar10.py:resnet20', f'--workdir={tmp_path}', *FEW_STEPS,
-                 '--config.model.bn_group_size=8', prelude=MOCK)
-  check_workdir(tmp_path, 4, 40)
+                 '--config.data.name=sklearn_digits', f'--config.data.data_dir={digits_dir}',
+                 '--config.model.bn_group_size=8')
+  check_workdir(tmp_path, 4, 360)
 
 
-def test_imagenet_paper_config_on_mock_data(tmp_path):
-  # Mock JPEGs are tiny, so the test shrinks the crops (the code path is the paper's).
-  # cache=True: tfds' mock swaps the file system while it builds a dataset, which
-  # would race with an asynchronous checkpoint write (the real-files ImageNet test
-  # covers cache=False).
+def test_imagenet_paper_config_on_photos(tmp_path, photos_dir):
+  # Small JPEGs, so the test shrinks the crops (the code path is the paper's), with grain
+  # worker processes and the final 10-crop evaluation.
   helpers.run_py('--config=configs/imagenet.py:resnet18', f'--workdir={tmp_path}', *FEW_STEPS,
-                 '--config.model.bn_group_size=2', '--config.data.image_size=32',
-                 '--config.data.scale_range=(36, 48)', '--config.data.eval_resize=36',
-                 '--config.data.shuffle_buffer=8', '--config.data.cache=True',
-                 '--config.parallel=pmap', prelude=MOCK)
-  check_workdir(tmp_path, 4, 40)
+                 '--config.data.name=sample_photos', f'--config.data.data_dir={photos_dir}',
+                 '--config.data.eval_split=test', '--config.model.bn_group_size=2',
+                 '--config.data.image_size=32', '--config.data.scale_range=(36, 48)',
+                 '--config.data.eval_resize=36', '--config.data.workers=2',
+                 '--config.parallel=pmap')
+  check_workdir(tmp_path, 4, 8)
+  final = helpers.read_jsonl(tmp_path / 'metrics.jsonl')[-1]
+  assert final['eval_ten_crop_num_examples'] == 8
 
 
 @pytest.mark.end_to_end
@@ -85,6 +83,29 @@ def test_quickstart_learns_the_digits(tmp_path, digits_dir):
            if 'eval_top1_error' in line][-1]
   assert final['eval_top1_error'] < 0.05, final
   assert final['eval_num_examples'] == 360
+
+
+def test_training_evaluation_and_export_never_import_tensorflow(tmp_path, digits_dir):
+  """Training hosts need no TensorFlow: a run in one process (train, evaluate, resume,
+  export) leaves it out of sys.modules even where it is installed."""
+  code = f"""
+import sys
+from configs import default
+from resnet_jax import config_lib, eval_checkpoint, export, train
+from tests import helpers
+config = helpers.small_config(**{{'data.data_dir': {digits_dir!r}, 'num_train_steps': 4}})
+train.train_and_evaluate(config, {str(tmp_path)!r})
+config.num_train_steps = 6
+train.train_and_evaluate(config, {str(tmp_path)!r})
+eval_checkpoint.evaluate_checkpoint(config, {str(tmp_path)!r})
+export.export_checkpoint(config, {str(tmp_path)!r}, 'latest')
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras'))
+assert not loaded, loaded
+print('no tensorflow')
+"""
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          cwd=helpers.REPO, timeout=600)
+  assert result.returncode == 0 and 'no tensorflow' in result.stdout, result.stderr[-3000:]
 
 
 def test_describe_prints_layers_params_and_multiply_adds():
@@ -131,7 +152,9 @@ def test_imagenet_not_prepared_names_the_tars_and_the_command(tmp_path):
 
 @pytest.fixture(scope='module')
 def sample_imagenet(tmp_path_factory):
-  """The real imagenet2012 builder, prepared through run.py from a manual_dir of real photos."""
+  """The real imagenet2012 builder, prepared through run.py from a manual_dir of real photos
+  (preparing it needs TensorFlow: the `prepare` extra)."""
+  pytest.importorskip('tensorflow', reason="preparing imagenet2012 needs the 'prepare' extra")
   from resnet_jax.datasets import sample_imagenet as sample  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('imagenet')
   manual, data = root / 'manual', root / 'tfds'
@@ -142,13 +165,14 @@ def sample_imagenet(tmp_path_factory):
   return str(data), synsets
 
 
+@pytest.mark.tensorflow
 def test_imagenet_from_the_users_tars_trains_resnet18(tmp_path, sample_imagenet):
   data_dir, _ = sample_imagenet
   helpers.run_py('--config=configs/imagenet.py:resnet18', f'--workdir={tmp_path}',
                  f'--config.data.data_dir={data_dir}', '--config.model.bn_group_size=0',
                  *FEW_STEPS[:1], '--config.batch_size=8', '--config.eval_batch_size=8',
                  '--config.log_every_steps=2', '--config.eval_every_steps=4',
-                 '--config.checkpoint_every_steps=4', '--config.data.shuffle_buffer=32')
+                 '--config.checkpoint_every_steps=4')
   lines = helpers.read_jsonl(tmp_path / 'metrics.jsonl')
   assert [line['step'] for line in lines if 'train_loss' in line] == [2, 4]
   (final,) = [line for line in lines if 'eval_loss' in line]

@@ -19,8 +19,6 @@ def get_config():
   c = cifar10.get_config('resnet20')
   c.model.bn_group_size = 0          # statistics over the batch of 128
   c.data.name = 'fashion_mnist'
-  c.data.cache = True
-  c.data.shuffle_buffer = 60_000
   c.num_train_steps = -1
   c.num_epochs = 3.0
   c.schedule.unit = 'epochs'

@@ -3,8 +3,12 @@
 The images ship inside the scikit-learn wheel, so this data set needs no
 download on any machine; exposing it as a tfds builder lets the zero-download
 quickstart flow through exactly the same pipeline as CIFAR-10 and ImageNet.
-Importing this module registers the builder with tfds.
+Importing this module registers the builder with tfds. The images are
+PNG-encoded here with Pillow, so preparing it needs no TensorFlow (tfds'
+Image feature would encode arrays with TensorFlow).
 """
+import io
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -41,4 +45,12 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     for i, (image, label) in enumerate(zip(images, digits.target)):
       if (i % TEST_EVERY == 0) == test:
-        yield i, {'image': image, 'label': int(label)}
+        yield i, {'image': _png(image), 'label': int(label)}
+
+
+def _png(image: np.ndarray) -> io.BytesIO:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0]).save(buffer, format='PNG')
+  buffer.seek(0)
+  return buffer

@@ -1,0 +1,47 @@
+"""Evaluation batches: every example of a split exactly once over all hosts.
+
+Host h of H reads its contiguous part of the split and pads it with masked
+examples (`mask` False, zero images) to exactly `Input.eval_steps` batches,
+so that every host runs the same number of steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+
+from resnet_jax.data import host_preprocess
+from resnet_jax.data import inputs
+from resnet_jax.data import sources
+from resnet_jax.data import train_stream
+
+
+def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
+                 crop: str | None = None) -> grain.MapDataset:
+  """This host's batches of `split` (default: the eval split) with `crop` (default:
+  config.data.eval_crop): {'image' or 'scales', 'label', 'mask'}."""
+  crop = crop or data_config.eval_crop
+  host_preprocess.check_eval_crop(data_config, crop=crop)
+  source = sources.open_source(inp.builder, split or inp.splits.eval)
+  start, stop = sources.part_of_split(len(source), inp.process_index, inp.process_count)
+  preprocess = host_preprocess.eval_preprocess(data_config, crop)
+  padding = jax.tree.map(lambda shape: np.zeros(shape, bool if len(shape) == 2 else np.uint8),
+                         host_preprocess.eval_shapes(data_config, crop),
+                         is_leaf=lambda x: isinstance(x, tuple))
+
+  def example(position: int) -> dict[str, Any]:
+    if start + position >= stop:
+      return {**padding, 'label': np.int32(0), 'mask': np.bool_(False)}
+    out, label = source.transformed(start + position, preprocess)
+    return {**out, 'label': np.int32(label), 'mask': np.bool_(True)}
+
+  total = inp.eval_steps * inp.local_eval_batch_size
+  return grain.MapDataset.range(total).map(example).batch(inp.local_eval_batch_size)
+
+
+def eval_batches(data_config: Any, inp: inputs.Input, split: str | None = None,
+                 crop: str | None = None) -> Iterator[dict[str, Any]]:
+  """The numpy batches of an `eval_dataset`, read with config.data's workers and threads."""
+  return iter(train_stream.loader(eval_dataset(data_config, inp, split, crop), data_config))

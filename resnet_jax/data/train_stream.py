@@ -1,0 +1,79 @@
+"""The training batches, read with grain from a tfds data source.
+
+The global example stream is grain's index shuffle of the train split, drawn
+anew each epoch from (seed, epoch); epoch e covers stream positions
+[e * E, (e + 1) * E) with E = steps_per_epoch * batch_size, so every epoch
+trains on distinct examples. Global batch s is positions [s * B, (s + 1) * B),
+and each example's crop comes from a generator seeded by (seed, position).
+A batch is therefore a pure function of (seed, s), whatever the number of
+devices, hosts or workers: a host reads its rows of it (`Input.host_rows`),
+and a run resumed at step s starts reading there (random access: nothing
+before it is read).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import grain
+from absl import flags
+import numpy as np
+
+from resnet_jax.data import host_preprocess
+from resnet_jax.data import inputs
+from resnet_jax.data import sources
+
+
+def _options(data_config: Any) -> tuple[grain.ReadOptions, grain.MultiprocessingOptions | None]:
+  threads = inputs.resolve(data_config.threads) or inputs.host_cores()
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_config.read_buffer)
+  workers = inputs.resolve(data_config.workers)
+  if not workers:
+    return read, None
+  return read, grain.MultiprocessingOptions(num_workers=workers,
+                                            per_worker_buffer_size=data_config.worker_buffer)
+
+
+def loader(dataset: grain.MapDataset, data_config: Any) -> grain.IterDataset:
+  """`dataset` read with config.data's threads, buffers and worker processes (grain keeps
+  the order whatever their number)."""
+  read, workers = _options(data_config)
+  iterable = dataset.to_iter_dataset(read)
+  if not workers:
+    return iterable
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (set by run.py's app.run)
+    flags.FLAGS.mark_as_parsed()
+  return iterable.mp_prefetch(workers)
+
+
+def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step: int = 0,
+                  num_steps: int | None = None) -> grain.MapDataset:
+  """This host's batches of global steps start_step, start_step + 1, ... (num_steps of
+  them; None: practically forever), as a grain MapDataset of {'image', 'label'}."""
+  source = sources.open_source(inp.builder, inp.splits.train)
+  preprocess = host_preprocess.train_preprocess(data_config)
+  order = grain.MapDataset.range(len(source)).shuffle(
+      seed=inputs.derive_seed(seed, 'order')).repeat()
+  num_total, batch = len(source), inp.batch_size
+  per_epoch = inp.steps_per_epoch * batch
+  row_start, local = inp.host_rows[0], inp.local_batch_size
+  crop_seed = inputs.derive_seed(seed, 'crop')
+
+  def example(local_position: int) -> dict[str, Any]:
+    step, row = divmod(local_position, local)
+    position = step * batch + row_start + row  # in the global stream
+    epoch, offset = divmod(position, per_epoch)
+    index = order[epoch * num_total + offset]
+    rng = np.random.default_rng([crop_seed, position])
+    image, label = source.transformed(index, lambda im: preprocess(im, rng))
+    return {'image': image, 'label': np.int32(label)}
+
+  stop = None if num_steps is None else (start_step + num_steps) * local
+  positions = grain.MapDataset.range(start_step * local, stop if stop is not None else 2**62)
+  return positions.map(example).batch(local, drop_remainder=True)
+
+
+def train_iterator(data_config: Any, inp: inputs.Input, *, seed: int, start_step: int = 0,
+                   num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This host's training batches (numpy, uint8 images) from global step `start_step` on."""
+  return iter(loader(train_dataset(data_config, inp, seed=seed, start_step=start_step,
+                                   num_steps=num_steps), data_config))
