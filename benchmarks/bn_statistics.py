@@ -4,12 +4,13 @@
 
 For the latest checkpoint of a run and each 3x3 layer's BN, per channel:
 the running mean and variance the eval step normalises with, and the mean
-and variance of that BN's input over (a) eval images and (b) augmented
-training batches, both computed with the checkpoint's weights in eval mode
-up to that layer (so only the layer's own statistics differ). It prints, per
-layer, the eval-mode response std (what the report plots), the ratio of each
-data's variance to the running variance (median and worst channel), and the
-channels behind the largest responses. Running statistics that are right give
+and variance of that BN's input over (a) eval images (centre crops) and (b)
+augmented training batches (the run's next ones after the checkpoint), both
+computed with the checkpoint's weights in eval mode up to that layer (so only
+the layer's own statistics differ). It prints, per layer, the eval-mode
+response std (what the report plots), the ratio of each data's variance to the
+running variance (median and worst channel), and the channels behind the
+largest responses. Running statistics that are right give
 ratios near 1 on training batches; ratios near 1 on training batches but far
 from it on eval images mean the two inputs differ, not the statistics; and
 with right statistics a large response is the BN's learned scale (in train
@@ -32,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import analysis  # pylint: disable=g-import-not-at-top
 from resnet_jax import checkpointing
 from resnet_jax import config_lib
-from resnet_jax import input_pipeline
 from resnet_jax import models
 from resnet_jax import train
+from resnet_jax.data import eval_stream
+from resnet_jax.data import train_stream
 from configs import default
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run\'s workdir.', required=True)
@@ -87,8 +89,8 @@ def main(_):
 
   def eval_images():
     seen = 0
-    for batch in input_pipeline.eval_batches(config, run.inp,
-                                             input_pipeline.eval_dataset(config, run.inp)):
+    # One view per image (the centre crop), whatever the run evaluated with.
+    for batch in eval_stream.eval_batches(config.data, run.inp, crop='center'):
       keep = batch['mask'].astype(bool)
       yield np.asarray(run.augment.eval(batch['image'][keep]))
       seen += int(keep.sum())
@@ -96,9 +98,11 @@ def main(_):
         return
 
   def train_images():
-    batches = input_pipeline.train_iterator(config, run.inp, start_step=step)
     size = config.batch_size
-    for i, batch in enumerate(itertools.islice(batches, -(-_EXAMPLES.value // size))):
+    count = -(-_EXAMPLES.value // size)
+    batches = train_stream.train_iterator(config.data, run.inp, seed=config.seed,
+                                          start_step=step, num_steps=count)
+    for i, batch in enumerate(itertools.islice(batches, count)):
       yield np.asarray(run.augment.train(batch['image'], step + i, np.arange(size) + i * size))
 
   on_eval = _moments(model, variables, eval_images())

@@ -1,9 +1,11 @@
 """The benchmark scripts run (tiny sizes): the GPU one needs only jax, flax and optax."""
+import importlib.util
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests import helpers
 
@@ -14,6 +16,22 @@ BLOCK = ('import sys\n'
          '"ml_collections", "torch"):\n'
          '      raise ImportError("not on the GPU machine: " + name)\n'
          'sys.meta_path.insert(0, Block())\n')
+
+
+# A sitecustomize that hides TensorFlow from every Python process started with it on
+# PYTHONPATH (grain's worker processes too): `import tensorflow` fails as if it were not
+# installed, and importlib.util.find_spec('tensorflow') is None.
+HIDE_TENSORFLOW = ('import sys\n'
+                   'class _Hide:\n'
+                   '  def __init__(self, finder):\n'
+                   '    self.finder = finder\n'
+                   '  def find_spec(self, name, path=None, target=None):\n'
+                   '    if name.split(".")[0] == "tensorflow":\n'
+                   '      return None\n'
+                   '    return self.finder.find_spec(name, path, target)\n'
+                   '  def __getattr__(self, attr):\n'
+                   '    return getattr(self.finder, attr)\n'
+                   'sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]\n')
 
 
 def test_gpu_bench_runs_with_only_jax_flax_optax():
@@ -121,3 +139,79 @@ def test_bn_statistics_compares_running_and_batch_statistics(straight):
   measured = report.analyse_member(config, train.setup(config), straight, max_examples=64)
   np.testing.assert_allclose([r['eval_mode_std'] for r in layers],
                              measured['final']['response_std_eval'], rtol=2e-3)
+
+
+@pytest.fixture(scope='module')
+def bench_dir(tmp_path_factory):
+  """--data_dir of input_pipeline.py and end_to_end.py (their --quick data set, built once)."""
+  return str(tmp_path_factory.mktemp('pipeline_bench'))
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+  """input_pipeline.py's rows: label -> the figures after it."""
+  lines = stdout.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith('pipeline '))
+  rows = {}
+  for line in lines[start + 1:]:
+    label = ' '.join(line.split()[:3])
+    rows[label] = line.split()[3:]
+  return rows
+
+
+def test_input_pipeline_times_grain_per_core_and_with_workers(bench_dir):
+  """Each case per core and with 1 and 2 grain workers, the 1->2 scaling, and where
+  TensorFlow is installed the tf.data reference and grain's ratio to it."""
+  script = os.path.join(helpers.REPO, 'benchmarks', 'input_pipeline.py')
+  out = subprocess.run([sys.executable, script, '--quick', '--repeats=1', f'--data_dir={bench_dir}',
+                        '--cases=train:reference,train:inception'],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'sample_photos: 64 train / 16 test JPEGs' in out.stdout, out.stdout
+  rows = _table(out.stdout)
+  # img/s, grain/tf.data for 1 core, 1 worker, 2 workers; the 1->2 worker scaling; output.
+  grain = rows['train grain inception']
+  assert all(float(grain[i]) > 0 for i in (0, 2, 4)), grain
+  assert grain[6].endswith('x') and float(grain[6][:-1]) > 0, grain
+  assert grain[7:] == ['uint8', '[8,', '32,', '32,', '3]'], grain
+  if importlib.util.find_spec('tensorflow') is None:
+    assert 'tf.data reference rows skipped' in out.stdout, out.stdout
+    return
+  reference = rows['train tf.data reference']
+  assert all(float(reference[i]) > 0 for i in (0, 2, 4)) and reference[1] == '-', reference
+  assert reference[7:] == ['float32', '[8,', '32,', '32,', '3]'], reference
+  for i in (0, 2, 4):  # grain's rate over tf.data's in the same setting (printed rounded)
+    assert float(grain[i + 1][:-1]) == pytest.approx(float(grain[i]) / float(reference[i]),
+                                                     rel=0.02, abs=0.01), (grain, reference)
+
+
+def test_input_pipeline_runs_without_tensorflow(bench_dir, tmp_path):
+  """Without TensorFlow the grain rows are measured and the tf.data rows are said skipped."""
+  (tmp_path / 'sitecustomize.py').write_text(HIDE_TENSORFLOW)
+  script = os.path.join(helpers.REPO, 'benchmarks', 'input_pipeline.py')
+  out = subprocess.run([sys.executable, script, '--quick', '--repeats=1', f'--data_dir={bench_dir}',
+                        '--cases=eval:reference,eval:ten_crop'], capture_output=True, text=True,
+                       check=False, env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'tf.data reference rows skipped: TensorFlow is not importable here.' in out.stdout
+  rows = _table(out.stdout)
+  assert list(rows) == ['eval grain ten_crop'], out.stdout
+  figures = rows['eval grain ten_crop']
+  assert all(float(figures[i]) > 0 for i in (0, 2, 4)) and figures[1] == '-', figures
+  assert figures[7:] == ['uint8', '[8,', '10,', '32,', '32,', '3]'], figures
+
+
+def test_end_to_end_compares_jpegs_with_synthetic_batches(bench_dir):
+  script = os.path.join(helpers.REPO, 'benchmarks', 'end_to_end.py')
+  out = subprocess.run([sys.executable, script, '--quick', '--workers=1',
+                        f'--data_dir={bench_dir}'], capture_output=True, text=True, check=False,
+                       env={**os.environ, 'XLA_FLAGS': ''})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'tiny (float32), batch 8, 32x32, 64 JPEGs, grain workers=1' in out.stdout, out.stdout
+  names = ('synthetic (one fixed batch)', 'JPEGs, scale augmentation', 'JPEGs / synthetic')
+  figures = {line[:32].strip(): line[32:].split() for line in out.stdout.splitlines()
+             if line.startswith(names)}
+  assert list(figures) == list(names), out.stdout
+  for name in names[:2]:
+    assert figures[name][1] == 'img/s' and float(figures[name][0]) > 0, out.stdout
+  ratio = figures['JPEGs / synthetic'][0]
+  assert ratio.endswith('x') and float(ratio[:-1]) > 0, out.stdout
