@@ -15,6 +15,13 @@ from typing import Any
 
 from etils import epath
 
+try:  # gs:// without TensorFlow goes through gcsfs (fsspec), whose directory listings are
+  # cached per process: checkpoints that orbax writes through tensorstore would not show.
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
+except ImportError:
+  pass
+
 
 def is_remote(path: str | os.PathLike) -> bool:
   return '://' in os.fspath(path)

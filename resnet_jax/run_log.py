@@ -17,6 +17,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from resnet_jax import paths
+
 
 class LoggingWriter:
   """Scalars to the log, one line per call."""
@@ -58,40 +60,46 @@ class TensorBoardWriter(LoggingWriter):
 class JsonlWriter(LoggingWriter):
   """Appends one JSON object per `write_scalars` call to a file: {'step': ..., **scalars}.
 
-  The file may be on gs:// (epath); on resume, lines past the checkpoint are
-  dropped, since the resumed run writes them again.
+  On resume, lines past the checkpoint are dropped, since the resumed run writes
+  them again. A gs:// object cannot be appended to (and becomes visible only when
+  written whole), so there the file is rewritten whole at each call: it stays
+  small (a line per logged step) and readable during the run.
   """
 
   def __init__(self, path: epath.Path, resume_step: int | None = None,
                eval_pending: bool = False):
     self.path = path
+    kept = []
     if resume_step is not None and path.exists():
-      def kept(line: dict[str, Any]) -> bool:
+      def keep(line: dict[str, Any]) -> bool:
         if eval_pending and line['step'] == resume_step:  # it is evaluated again
           return not any(key.startswith('eval_') for key in line)
         return line['step'] <= resume_step
-      keep = [line + '\n' for line in path.read_text().splitlines()
-              if line.strip() and kept(json.loads(line))]
-      path.write_text(''.join(keep))
-    elif path.exists():
-      path.unlink()
-    # epath opens gs:// files as a context manager: keep it open for the run.
-    self._files = contextlib.ExitStack()
-    self._file = self._files.enter_context(path.open('a'))
+      kept = [line + '\n' for line in path.read_text().splitlines()
+              if line.strip() and keep(json.loads(line))]
+    self._lines = kept if paths.is_remote(path) else None
+    path.write_text(''.join(kept))
+    self._file = None if self._lines is not None else open(path, 'a')  # pylint: disable=consider-using-with
 
   def write_scalars(self, step, scalars):
-    self._file.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
-                     + '\n')
-    self._file.flush()
+    line = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n'
+    if self._lines is None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      self.path.write_text(''.join(self._lines))
 
   def write_hparams(self, hparams):
     pass
 
   def flush(self):
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
 
   def close(self):
-    self._files.close()
+    if self._file is not None:
+      self._file.close()
 
 
 class MultiWriter(LoggingWriter):

@@ -305,9 +305,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window = loop.get('train_sums')
   window = strategy.replicate({k: np.float32(v) for k, v in window.items()}) if window else None
   eval_metrics: dict[str, float] = {}
-  batches = _prefetch(train_stream.train_iterator(config.data, inp, seed=config.seed,
-                                                 start_step=step, num_steps=steps_total - step),
-                      strategy.put_batch, config.data.prefetch)
+  train_batches = train_stream.train_iterator(config.data, inp, seed=config.seed,
+                                              start_step=step, num_steps=steps_total - step)
+  batches = _prefetch(train_batches, strategy.put_batch, config.data.prefetch)
   clock = run_log.TrainClock(step)
   preempted = False
   with Preemption() as preemption:
@@ -364,6 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _save(ckpt, strategy, step, state, window, metrics=eval_metrics if evaluated else None)
       if preempted:
         break
+  train_batches.close()  # grain's workers stop and free their buffers now
   ckpt.wait()
   ckpt.close()
   writer.flush()

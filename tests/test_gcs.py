@@ -17,15 +17,6 @@ from tests.conftest import TRAIN
 from tests.test_checkpoints import _start, _wait_for, assert_same_state, results, saved_state
 from tests.test_sweep import SWEEP
 
-# epath reaches this emulator through TensorFlow's GCS filesystem; through gcsfs (the core
-# install, without TensorFlow) it does not yet authenticate against it: CI runs these with
-# the `prepare` extra.
-pytestmark = [pytest.mark.tensorflow,
-              pytest.mark.skipif(not __import__('importlib').util.find_spec('tensorflow'),
-                                 reason="gs:// through the emulator needs TensorFlow's GCS "
-                                        "filesystem here (the 'prepare' extra)")]
-
-
 @pytest.fixture
 def gcs_env(gcs, monkeypatch):
   """The emulator's variables in this process (read back what runs write) and its children."""

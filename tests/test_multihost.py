@@ -65,11 +65,11 @@ def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_
   data = f'--config.data.data_dir={digits_dir}'
   multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'
   logs = _finish(_start_hosts(multi, data, *ARGS))
-  # Each host read its own devices' data shards, and its own half of the eval split.
-  assert 'Host 0 of 2 trains on sklearn_digits train (data shards [0, 1, 2, 3] of 8)' in logs[0]
-  assert 'Host 1 of 2 trains on sklearn_digits train (data shards [4, 5, 6, 7] of 8)' in logs[1]
-  assert 'evaluates on test (part 1 of 2)' in logs[0]
-  assert 'evaluates on test (part 2 of 2)' in logs[1]
+  # Each host read its own devices' rows of each global batch, and its own half of the eval split.
+  assert ('Host 0 of 2 trains on rows (0, 8) of each global batch of sklearn_digits train and '
+          'evaluates on its part 1 of 2 of test') in logs[0]
+  assert ('Host 1 of 2 trains on rows (8, 16) of each global batch of sklearn_digits train and '
+          'evaluates on its part 2 of 2 of test') in logs[1]
 
   helpers.run_py(f'--workdir={single}', data, *ARGS)  # 1 process x 8 devices (conftest)
   step, two = saved_state(multi)

@@ -17,6 +17,7 @@ from resnet_jax import errors
 from resnet_jax import models
 from resnet_jax import optim
 from resnet_jax import parallel
+from resnet_jax import run_log
 from resnet_jax import steps
 from resnet_jax import train
 from tests import helpers
@@ -317,8 +318,8 @@ def test_images_per_sec_counts_training_steps_only(tmp_path, digits_dir, monkeyp
       return fn(*args, **kwargs)
     return wrapped
 
-  # Only the trainer's module sees the shifted clock (asyncio and orbax keep theirs).
-  monkeypatch.setattr(train, 'time', types.SimpleNamespace(
+  # Only the training clock's module sees the shifted clock (asyncio and orbax keep theirs).
+  monkeypatch.setattr(run_log, 'time', types.SimpleNamespace(
       monotonic=lambda: real_monotonic() + offset[0]))
   monkeypatch.setattr(train, 'evaluate', slow(real_evaluate))
   monkeypatch.setattr(checkpointing.Checkpoints, 'save', slow(real_save))

@@ -12,7 +12,7 @@ before it is read).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 from absl import flags
@@ -73,7 +73,8 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
 
 
 def train_iterator(data_config: Any, inp: inputs.Input, *, seed: int, start_step: int = 0,
-                   num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """This host's training batches (numpy, uint8 images) from global step `start_step` on."""
+                   num_steps: int | None = None) -> grain.DatasetIterator:
+  """This host's training batches (numpy, uint8 images) from global step `start_step` on;
+  close() it to stop grain's workers early."""
   return iter(loader(train_dataset(data_config, inp, seed=seed, start_step=start_step,
                                    num_steps=num_steps), data_config))
