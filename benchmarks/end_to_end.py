@@ -66,7 +66,7 @@ def run(config, workdir: str, synthetic: bool) -> float:
       batches = real(*args, **kwargs)
       batch = next(batches)
       batches.close()  # grain's worker processes and their shared memory
-      return itertools.repeat(batch)
+      return (batch for _ in itertools.count())  # a generator: the trainer closes it
     patches.append(mock.patch.object(train_stream, 'train_iterator', one_batch))
   with contextlib.ExitStack() as stack:
     for patch in patches:

@@ -67,8 +67,8 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
     image, label = source.transformed(index, lambda im: preprocess(im, rng))
     return {'image': image, 'label': np.int32(label)}
 
-  stop = None if num_steps is None else (start_step + num_steps) * local
-  positions = grain.MapDataset.range(start_step * local, stop if stop is not None else 2**62)
+  stop = (start_step + num_steps) * local if num_steps is not None else 2**62
+  positions = grain.MapDataset.range(start_step * local, stop)
   return positions.map(example).batch(local, drop_remainder=True)
 
 

@@ -1,0 +1,98 @@
+"""JPEG decoders on real-photo JPEGs: which one the host pipeline should use.
+
+    python benchmarks/jpeg_decoders.py [--images 400] [--repeats 5] [--long_side 500]
+
+Each candidate (all built on libjpeg-turbo) decodes every image to RGB at the
+DCT scale that the paper's scale augmentation needs for a shorter side S
+(full size at S = 256..480 for ~500x375 images; 1/2 or 1/4 for big photos),
+in one process and one thread, candidates alternating round by round; the
+median round is printed as images per second, with each one's ratio to
+Pillow. Candidates that are not installed are listed as such.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import numpy as np
+
+
+def _pillow(data: bytes, reduce: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  image = Image.open(io.BytesIO(data))
+  image.draft('RGB', (image.size[0] // reduce, image.size[1] // reduce))
+  return np.asarray(image.convert('RGB'))
+
+
+def _simplejpeg(data: bytes, reduce: int) -> np.ndarray:
+  import simplejpeg  # pylint: disable=import-outside-toplevel
+  height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+  return simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=height // reduce,
+                                min_width=width // reduce)
+
+
+def _opencv(data: bytes, reduce: int) -> np.ndarray:
+  import cv2  # pylint: disable=import-outside-toplevel
+  flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+          8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+  return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flag), cv2.COLOR_BGR2RGB)
+
+
+_TURBO = []
+
+
+def _turbojpeg(data: bytes, reduce: int) -> np.ndarray:
+  import turbojpeg  # pylint: disable=import-outside-toplevel
+  if not _TURBO:
+    _TURBO.append(turbojpeg.TurboJPEG())
+  return _TURBO[0].decode(data, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=(1, reduce))
+
+
+CANDIDATES = {'pillow (draft)': _pillow, 'simplejpeg': _simplejpeg,
+              'opencv (IMREAD_REDUCED)': _opencv, 'PyTurboJPEG': _turbojpeg}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--images', type=int, default=400)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--long_side', type=int, default=500)
+  args = parser.parse_args()
+  from resnet_jax.datasets import sample_imagenet  # pylint: disable=import-outside-toplevel
+  photos = [p if p.ndim == 3 else np.repeat(p[..., None], 3, -1)
+            for p in sample_imagenet.photos()]
+  rng = np.random.default_rng(0)
+  cases = {f'{args.long_side}px, full scale': (
+               [sample_imagenet.random_view(photos[i % len(photos)], rng, args.long_side)
+                for i in range(args.images)], 1),
+           '2000px, 1/4 scale': (
+               [sample_imagenet.random_view(photos[i % len(photos)], rng, 2000)
+                for i in range(args.images // 8)], 4)}
+  usable = {}
+  for name, fn in CANDIDATES.items():
+    try:
+      fn(cases[next(iter(cases))][0][0], 1)
+      usable[name] = fn
+    except Exception as e:  # pylint: disable=broad-except  (not installed, no shared library)
+      print(f'{name}: not usable here ({type(e).__name__}: {str(e)[:80]})')
+  for case, (images, reduce) in cases.items():
+    times = {name: [] for name in usable}
+    for round_ in range(args.repeats):
+      order = list(usable) if round_ % 2 == 0 else list(reversed(usable))
+      for name in order:
+        start = time.perf_counter()
+        for data in images:
+          usable[name](data, reduce)
+        times[name].append(time.perf_counter() - start)
+    base = len(images) / statistics.median(times['pillow (draft)'])
+    print(f'{case} ({len(images)} JPEGs, one thread, median of {args.repeats} alternating '
+          'rounds):')
+    for name in usable:
+      rate = len(images) / statistics.median(times[name])
+      print(f'  {name:26s} {rate:8.1f} img/s  {rate / base:5.2f}x pillow')
+
+
+if __name__ == '__main__':
+  main()
