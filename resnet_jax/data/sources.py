@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from resnet_jax import errors
+from resnet_jax import paths
 from resnet_jax.data import builders
 
 
@@ -65,6 +66,13 @@ class Source:
 
 def open_source(builder: tfds.core.DatasetBuilder, split: str) -> Source:
   """The records of `split` (slices such as 'train[:5000]' allowed)."""
+  if paths.is_remote(builder.data_dir):
+    # array_record's pip build reads local files only (a gs:// file hangs its reader).
+    raise errors.DataError(
+        f'{builder.data_dir}: ArrayRecord files are read from local disk only. Copy the data '
+        f'set once to the host (gcloud storage cp -r {builder.data_dir_root}/{builder.name} '
+        '/data/tfds/) or mount the bucket with gcsfuse, and pass that path as '
+        '--config.data.data_dir.')
   image_key, label_key = builders.image_and_label_keys(builder)
   source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
   files = tuple((f.filename, f.skip, f.take)
