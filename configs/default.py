@@ -72,7 +72,7 @@ def get_config() -> config_dict.ConfigDict:
   c.data.final_eval_crop = ''
   # Reading (resnet_jax/data, grain). Batches do not depend on these: only speed and memory.
   c.data.workers = 0                     # grain worker processes per host (0: none; -1: one per core)
-  c.data.threads = 0                     # decoding threads per process (0: one per core)
+  c.data.threads = 0                     # decoding threads per process (0: the cores / processes)
   c.data.worker_buffer = 2               # batches each worker keeps ready
   c.data.read_buffer = 2                 # batches each process reads ahead
   c.data.prefetch = 2                    # batches on their way to the devices

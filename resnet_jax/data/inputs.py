@@ -65,13 +65,26 @@ def check_resources(data_config: Any, local_batch_size: int, bytes_per_example: 
   workers = resolve(data_config.workers)
   batches = max(workers, 1) * (data_config.worker_buffer + data_config.read_buffer)
   needed = batches * local_batch_size * bytes_per_example
-  available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  available = _available_memory()
   if needed > available // 2:
     raise errors.ConfigError(
         f'config.data: {max(workers, 1)} workers x (worker_buffer {data_config.worker_buffer} + '
         f'read_buffer {data_config.read_buffer}) batches of {local_batch_size} images take '
         f'{needed / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB this host '
-        'has free: lower the workers or buffers.')
+        'has available: lower the workers or buffers.')
+
+
+def _available_memory() -> int:
+  """Bytes the host can give without swapping: MemAvailable (free memory and the page cache
+  it can drop), or free memory where /proc/meminfo is missing."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
 def resolve(count: int) -> int:

@@ -24,9 +24,10 @@ from resnet_jax.data import sources
 
 
 def _options(data_config: Any) -> tuple[grain.ReadOptions, grain.MultiprocessingOptions | None]:
-  threads = inputs.resolve(data_config.threads) or inputs.host_cores()
-  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_config.read_buffer)
   workers = inputs.resolve(data_config.workers)
+  # Threads per process: by default the host's cores shared by its processes.
+  threads = inputs.resolve(data_config.threads) or max(1, inputs.host_cores() // max(workers, 1))
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_config.read_buffer)
   if not workers:
     return read, None
   return read, grain.MultiprocessingOptions(num_workers=workers,
