@@ -1,7 +1,7 @@
 """Small, pure image ops for the host: encoded bytes or uint8 arrays in, uint8 HWC out.
 
-Pillow (built on libjpeg-turbo) decodes; every resize is one affine
-transform with bilinear sampling at half-integer pixel centres and no
+Pillow (built on libjpeg-turbo) decodes; every resize is one affine warp
+(OpenCV) with bilinear sampling at half-integer pixel centres and no
 antialiasing (what tf.image.resize and the standard ImageNet recipes do).
 A crop of a resized image is therefore the same transform restricted to the
 crop, so crops are computed crop first: only the crop's pixels are sampled,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -63,10 +64,14 @@ def resample(image: Image.Image, out_shape: tuple[int, int], scaled: tuple[float
       reduced = (drafted[1][3], drafted[1][2])
   scale_y, scale_x = reduced[0] / scaled[0], reduced[1] / scaled[1]
   # Output pixel x (centre x + 0.5) samples the resized image at left + x + 0.5, which is
-  # source position (left + x + 0.5) * scale; PIL adds the 0.5 of the output pixel itself.
-  return np.asarray(_rgb(image).transform(
-      (out_shape[1], out_shape[0]), Image.AFFINE,
-      (scale_x, 0, left * scale_x, 0, scale_y, top * scale_y), resample=Image.BILINEAR))
+  # source position (left + x + 0.5) * scale, i.e. pixel index (left + x + 0.5) * scale - 0.5;
+  # edges repeat, as tf.image.resize's do. OpenCV's warpAffine samples 8x faster than
+  # Pillow's transform (docs/performance.md).
+  matrix = np.array([[scale_x, 0, (left + 0.5) * scale_x - 0.5],
+                     [0, scale_y, (top + 0.5) * scale_y - 0.5]], np.float64)
+  return cv2.warpAffine(np.asarray(_rgb(image)), matrix, (out_shape[1], out_shape[0]),
+                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                        borderMode=cv2.BORDER_REPLICATE)
 
 
 def resize(data: bytes | np.ndarray, size: int) -> np.ndarray:
