@@ -314,7 +314,7 @@ def test_a_workdir_written_before_the_pure_model_evaluates_and_resumes(tmp_path,
   (then,) = [line for line in results(workdir) if 'eval_loss' in line]
   assert result['step'] == 2 and result['num_examples'] == 360
   assert result['top1_error'] == pytest.approx(then['eval_top1_error'], abs=1.5 / 360)
-  # That run's images were resized by TensorFlow, these by Pillow: the same bilinear sampling,
+  # That run's images were resized by TensorFlow, these by OpenCV: the same bilinear sampling,
   # rounded differently by at most one grey level in some pixels (tests/test_image_ops.py).
   assert result['loss'] == pytest.approx(then['eval_loss'], rel=1e-3)
   # Training continues from it with the same parameter names and state layout.
