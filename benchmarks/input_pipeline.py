@@ -176,7 +176,7 @@ def measure(photos_dir: str, kind: str, variant: str, workers: int, batch: int, 
   elif kind == 'train':
     iterator = train_stream.train_iterator(config.data, inp, seed=config.seed)
   else:  # every test image (the last batch padded, masked), over and over
-    iterator = iter(train_stream.loader(eval_stream.eval_dataset(config.data, inp).repeat(),
+    iterator = iter(inputs.loader(eval_stream.eval_dataset(config.data, inp).repeat(),
                                         config.data))
   for _ in range(warmup):
     next(iterator)

@@ -5,7 +5,8 @@
 - `sources.py`: random access to a split's records; errors that name the record.
 - `image_ops.py`: decoding, crops and resizes on the host (Pillow, crop first).
 - `host_preprocess.py`: the host's part of the configured augmentation and eval crops.
-- `inputs.py`: Input (splits, batch sizes, this host's rows), resource checks, seeds.
+- `inputs.py`: Input (splits, batch sizes, this host's rows), resource checks, seeds, and
+  the grain loader that train_stream and eval_stream share.
 - `train_stream.py`: the training batches, a pure function of (seed, step).
 - `eval_stream.py`: evaluation batches, every example once over all hosts.
 - `normalization.py`: the per-pixel mean and the device-side augmentation.

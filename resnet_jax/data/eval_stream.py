@@ -15,7 +15,6 @@ import numpy as np
 from resnet_jax.data import host_preprocess
 from resnet_jax.data import inputs
 from resnet_jax.data import sources
-from resnet_jax.data import train_stream
 
 
 def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
@@ -44,4 +43,4 @@ def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
 def eval_batches(data_config: Any, inp: inputs.Input, split: str | None = None,
                  crop: str | None = None) -> Iterator[dict[str, Any]]:
   """The numpy batches of an `eval_dataset`, read with config.data's workers and threads."""
-  return iter(train_stream.loader(eval_dataset(data_config, inp, split, crop), data_config))
+  return iter(inputs.loader(eval_dataset(data_config, inp, split, crop), data_config))

@@ -14,7 +14,9 @@ import math
 import os
 from typing import Any
 
+import grain
 import tensorflow_datasets as tfds
+from absl import flags
 
 from resnet_jax import errors
 from resnet_jax.data import builders
@@ -116,3 +118,26 @@ def create_input(data_config: Any, *, batch_size: int, eval_batch_size: int,
   check_resources(data_config, host_rows[1] - host_rows[0], size * size * 3)
   return Input(builder, splits, builders.num_classes(builder), batch_size, tuple(host_rows),
                steps_per_epoch, eval_steps, local_eval_batch, process_index, process_count)
+
+
+def _options(data_config: Any) -> tuple[grain.ReadOptions, grain.MultiprocessingOptions | None]:
+  workers = resolve(data_config.workers)
+  # Threads per process: by default the host's cores shared by its processes.
+  threads = resolve(data_config.threads) or max(1, host_cores() // max(workers, 1))
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_config.read_buffer)
+  if not workers:
+    return read, None
+  return read, grain.MultiprocessingOptions(num_workers=workers,
+                                            per_worker_buffer_size=data_config.worker_buffer)
+
+
+def loader(dataset: grain.MapDataset, data_config: Any) -> grain.IterDataset:
+  """`dataset` read with config.data's threads, buffers and worker processes (grain keeps
+  the order whatever their number)."""
+  read, workers = _options(data_config)
+  iterable = dataset.to_iter_dataset(read)
+  if not workers:
+    return iterable
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (set by run.py's app.run)
+    flags.FLAGS.mark_as_parsed()
+  return iterable.mp_prefetch(workers)

@@ -15,35 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import grain
-from absl import flags
 import numpy as np
 
 from resnet_jax.data import host_preprocess
 from resnet_jax.data import inputs
 from resnet_jax.data import sources
-
-
-def _options(data_config: Any) -> tuple[grain.ReadOptions, grain.MultiprocessingOptions | None]:
-  workers = inputs.resolve(data_config.workers)
-  # Threads per process: by default the host's cores shared by its processes.
-  threads = inputs.resolve(data_config.threads) or max(1, inputs.host_cores() // max(workers, 1))
-  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_config.read_buffer)
-  if not workers:
-    return read, None
-  return read, grain.MultiprocessingOptions(num_workers=workers,
-                                            per_worker_buffer_size=data_config.worker_buffer)
-
-
-def loader(dataset: grain.MapDataset, data_config: Any) -> grain.IterDataset:
-  """`dataset` read with config.data's threads, buffers and worker processes (grain keeps
-  the order whatever their number)."""
-  read, workers = _options(data_config)
-  iterable = dataset.to_iter_dataset(read)
-  if not workers:
-    return iterable
-  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (set by run.py's app.run)
-    flags.FLAGS.mark_as_parsed()
-  return iterable.mp_prefetch(workers)
 
 
 def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step: int = 0,
@@ -77,5 +53,5 @@ def train_iterator(data_config: Any, inp: inputs.Input, *, seed: int, start_step
                    num_steps: int | None = None) -> grain.DatasetIterator:
   """This host's training batches (numpy, uint8 images) from global step `start_step` on;
   close() it to stop grain's workers early."""
-  return iter(loader(train_dataset(data_config, inp, seed=seed, start_step=start_step,
+  return iter(inputs.loader(train_dataset(data_config, inp, seed=seed, start_step=start_step,
                                    num_steps=num_steps), data_config))
