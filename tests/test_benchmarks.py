@@ -215,3 +215,43 @@ def test_end_to_end_compares_jpegs_with_synthetic_batches(bench_dir):
     assert figures[name][1] == 'img/s' and float(figures[name][0]) > 0, out.stdout
   ratio = figures['JPEGs / synthetic'][0]
   assert ratio.endswith('x') and float(ratio[:-1]) > 0, out.stdout
+
+
+# Hides what an accelerator host lacks (TensorFlow, scikit-learn, scikit-image) from every
+# process started with it on PYTHONPATH.
+HIDE_HOST_GAPS = HIDE_TENSORFLOW.replace('== "tensorflow"',
+                                         'in ("tensorflow", "sklearn", "skimage")')
+
+
+def test_gpu_end_to_end_trains_from_a_bundle_on_a_host_without_tensorflow(tmp_path):
+  """The accelerator script on CPU with a small model: the bundle's wheels are unpacked onto
+  the path, the JPEGs are made from the bundle's photos (no scikit-learn or -image), run.py
+  trains from them, and its rate is printed beside gpu_bench.py's synthetic one."""
+  from resnet_jax.datasets import sample_imagenet  # pylint: disable=import-outside-toplevel
+  bundle = tmp_path / 'bundle'
+  (bundle / 'wheels').mkdir(parents=True)
+  sample_imagenet.save_photos(str(bundle / 'photos.npz'))
+  # A wheel (a zip) of one module, standing in for the real ones (`bundle` downloads those).
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(bundle / 'wheels' / 'bundled_probe-1.0-py3-none-any.whl', 'w') as wheel:
+    wheel.writestr('bundled_probe/__init__.py', 'FROM_BUNDLE = True\n')
+  (tmp_path / 'sitecustomize.py').write_text(HIDE_HOST_GAPS)
+  script = os.path.join(helpers.REPO, 'benchmarks', 'gpu_end_to_end.py')
+  out = subprocess.run(
+      [sys.executable, script, 'run', f'--bundle={bundle}', f'--data_dir={tmp_path / "data"}',
+       '--model=resnet20', '--dtype=float32', '--image=32', '--batch=8', '--steps=4',
+       '--log_every=2', '--bench_steps=2', '--train_images=48', '--test_images=8',
+       '--workers=1'], capture_output=True, text=True, check=False,
+      env={**os.environ, 'PYTHONPATH': str(tmp_path), 'XLA_FLAGS': ''})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (bundle / 'site' / 'bundled_probe' / '__init__.py').exists()
+  assert 'resnet20 (float32), batch 8, 32x32, on cpu; ' in out.stdout, out.stdout
+  assert f'{len(os.sched_getaffinity(0))} CPU cores, grain workers=1; 48 JPEGs' in out.stdout
+  names = ('run.py from JPEGs', 'gpu_bench.py, synthetic', 'JPEGs / synthetic')
+  figures = {line[:34].strip(): line[34:].split() for line in out.stdout.splitlines()
+             if line.startswith(names)}
+  assert list(figures) == list(names), out.stdout
+  jpegs, synthetic = (float(figures[name][0]) for name in names[:2])
+  assert jpegs > 0 and synthetic > 0
+  assert figures['JPEGs / synthetic'][0] == f'{jpegs / synthetic:.2f}x', out.stdout
+  assert 'median of 1 log windows of 2 steps after the first' in out.stdout

@@ -23,18 +23,30 @@ import tarfile
 import numpy as np
 
 
-def photos() -> list[np.ndarray]:
-  """Real RGB (and one grey) photos bundled with scikit-learn and scikit-image."""
+PHOTO_NAMES = ('china', 'flower', 'astronaut', 'chelsea', 'coffee', 'rocket',
+               'hubble_deep_field', 'retina', 'immunohistochemistry', 'camera')
+
+
+def photos(path: str = '') -> list[np.ndarray]:
+  """Real RGB (and one grey) photos bundled with scikit-learn and scikit-image, or read from
+  a file that `save_photos` wrote (hosts without those packages)."""
+  if path:
+    with np.load(path) as saved:
+      return [saved[name] for name in PHOTO_NAMES]
   from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
   images = list(load_sample_images().images)  # china, flower: 427x640x3
   try:
     from skimage import data  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError('sample_imagenet needs scikit-image: pip install -e ".[test]"') from e
-  for name in ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'retina',
-               'immunohistochemistry', 'camera'):
+  for name in PHOTO_NAMES[2:]:
     images.append(np.asarray(getattr(data, name)()))
   return images
+
+
+def save_photos(path: str) -> None:
+  """The photos in one compressed .npz, for `photos(path)`."""
+  np.savez_compressed(path, **dict(zip(PHOTO_NAMES, photos())))
 
 
 def validation_labels() -> list[str]:

@@ -21,19 +21,20 @@ import tensorflow_datasets as tfds
 from resnet_jax.datasets import sample_imagenet
 
 
-class SamplePhotos(tfds.core.GeneratorBasedBuilder):
+class SamplePhotos(tfds.core.GeneratorBasedBuilder,
+                   skip_registration=__name__ == '__main__'):  # `python -m`: see the end
   """Random views of real photos, one class per photo; sizes set by `prepare`."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'JPEG views of the photos in scikit-learn and scikit-image.'}
-  NUM_TRAIN, NUM_TEST, LONG_SIDE, TRUNCATED = 64, 16, 500, ()
+  NUM_TRAIN, NUM_TEST, LONG_SIDE, TRUNCATED, PHOTOS = 64, 16, 500, (), ''
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description='Random JPEG views of photos bundled with scikit-learn and scikit-image.',
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-            'label': tfds.features.ClassLabel(num_classes=len(sample_imagenet.photos())),
+            'label': tfds.features.ClassLabel(num_classes=len(sample_imagenet.PHOTO_NAMES)),
         }),
         supervised_keys=('image', 'label'))
 
@@ -43,7 +44,7 @@ class SamplePhotos(tfds.core.GeneratorBasedBuilder):
             'test': self._generate_examples(self.NUM_TEST, 1)}
 
   def _generate_examples(self, count: int, seed: int):
-    photos = sample_imagenet.photos()
+    photos = sample_imagenet.photos(self.PHOTOS)
     rng = np.random.default_rng(seed)
     for i in range(count):
       label = i % len(photos)
@@ -57,11 +58,12 @@ class SamplePhotos(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str, num_train: int = 64, num_test: int = 16, long_side: int = 500,
-            truncated: Sequence[int] = ()) -> tfds.core.DatasetBuilder:
+            truncated: Sequence[int] = (), photos: str = '') -> tfds.core.DatasetBuilder:
   """Writes the data set (as ArrayRecord) in `data_dir`; `truncated`: train examples whose
-  JPEG is cut in half (a corrupt file)."""
+  JPEG is cut in half (a corrupt file); `photos`: a file of `sample_imagenet.save_photos`
+  (default: the photos of scikit-learn and scikit-image)."""
   builder_class = type('SamplePhotos', (SamplePhotos,), dict(
-      NUM_TRAIN=num_train, NUM_TEST=num_test, LONG_SIDE=long_side, TRUNCATED=tuple(truncated),
+      NUM_TRAIN=num_train, NUM_TEST=num_test, LONG_SIDE=long_side, TRUNCATED=tuple(truncated), PHOTOS=photos,
       __module__=__name__), skip_registration=True)
   builder = builder_class(data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
@@ -74,10 +76,12 @@ def main() -> None:
   parser.add_argument('--train', type=int, default=10_000)
   parser.add_argument('--test', type=int, default=500)
   parser.add_argument('--long_side', type=int, default=500)
+  parser.add_argument('--photos', default='', help='a .npz of sample_imagenet.save_photos')
   args = parser.parse_args()
-  builder = prepare(args.data_dir, args.train, args.test, args.long_side)
+  builder = prepare(args.data_dir, args.train, args.test, args.long_side, photos=args.photos)
   print(f'sample_photos: {args.train} train and {args.test} test JPEGs in {builder.data_dir}')
 
 
-if __name__ == '__main__':
-  main()
+if __name__ == '__main__':  # run as the package's module, so tfds finds its files
+  from resnet_jax.datasets import sample_photos as _module  # pylint: disable=import-self
+  _module.main()
