@@ -39,8 +39,11 @@ import functools
 import io
 import json
 import os
+import pickle
 import re
+import struct
 import zipfile
+import zlib
 from typing import Any, Iterable, Mapping
 
 from etils import epath
@@ -61,7 +64,8 @@ _SHOWN = 8
 
 
 class WeightsError(errors.UserError, ValueError):
-  """A state dict that does not fit the asked-for net; the message names the keys.
+  """A weights file that cannot be read (named), or a state dict that does not fit the
+  asked-for net (the message names the keys).
 
   `missing`, `unexpected` and `mismatched` hold the offending keys for callers
   that want them as data.
@@ -131,6 +135,9 @@ def torchvision_architecture(model_config: Mapping[str, Any]) -> str:
 
 # --- Reading files. ------------------------------------------------------------
 
+# What to do about a truncated or corrupt file (an interrupted download, most often).
+_AGAIN = 'download it again (or save it again where it was made)'
+
 # safetensors dtype names -> numpy (bfloat16 from ml_dtypes, which jax needs anyway).
 _SAFETENSORS_DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -146,31 +153,42 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   length, a JSON header {name: {dtype, shape, data_offsets}} and the raw
   little-endian buffer. Unlike `safetensors.numpy`, this reads bfloat16
   tensors, in which many checkpoints are stored. The arrays are read-only
-  views of one buffer.
+  views of one buffer. Every check names the file: a truncated download fails
+  here, not as a shape error later.
   """
-  with epath.Path(path).open('rb') as f:
-    header_size = int.from_bytes(f.read(8), 'little')
-    if header_size <= 0 or header_size > 100_000_000:
-      raise WeightsError(f'{path} is not a safetensors file (header of {header_size} bytes).')
-    try:
-      header = json.loads(f.read(header_size))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise WeightsError(f'{path} is not a safetensors file (its header is not JSON: {e}).') from e
-    buffer = f.read()
+  data = _read_bytes(path)
+  if len(data) < 8:
+    raise WeightsError(f'{path} is empty or truncated ({len(data)} bytes): {_AGAIN}.')
+  header_size = int.from_bytes(data[:8], 'little')
+  if header_size <= 0 or header_size > 100_000_000:
+    raise WeightsError(f'{path} is not a safetensors file (header of {header_size} bytes).')
+  if header_size > len(data) - 8:
+    raise WeightsError(f'{path} is truncated: its header has {header_size} bytes but only '
+                       f'{len(data) - 8} follow; {_AGAIN}.')
+  try:
+    header = json.loads(data[8:8 + header_size])
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise WeightsError(f'{path} is not a safetensors file (its header is not JSON: {e}).') from e
+  buffer = memoryview(data)[8 + header_size:]
   if not isinstance(header, dict):
     raise WeightsError(f'{path} is not a safetensors file (its header is not a JSON object).')
   header.pop('__metadata__', None)
   arrays = {}
   for name, info in header.items():
-    if info['dtype'] not in _SAFETENSORS_DTYPES:
-      raise WeightsError(f'{path}: tensor {name!r} has dtype {info["dtype"]}, which numpy '
+    try:
+      dtype_name, shape = str(info['dtype']), tuple(int(n) for n in info['shape'])
+      begin, end = (int(n) for n in info['data_offsets'])
+    except (TypeError, KeyError, ValueError) as e:
+      raise WeightsError(f'{path}: tensor {name!r} has a malformed header entry {info!r}; the '
+                         f'file is corrupt: {_AGAIN}.') from e
+    if dtype_name not in _SAFETENSORS_DTYPES:
+      raise WeightsError(f'{path}: tensor {name!r} has dtype {dtype_name}, which numpy '
                          f'cannot hold.')
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')
-    begin, end = info['data_offsets']
-    shape = tuple(info['shape'])
+    dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name]).newbyteorder('<')
     if not 0 <= begin <= end <= len(buffer) or end - begin != int(np.prod(shape)) * dtype.itemsize:
       raise WeightsError(f'{path}: tensor {name!r} has offsets {begin}..{end}, which do not '
-                         f'hold shape {shape} of {info["dtype"]} in a {len(buffer)}-byte buffer.')
+                         f'hold shape {shape} of {dtype_name} in a {len(buffer)}-byte buffer; '
+                         f'the file is truncated or corrupt: {_AGAIN}.')
     arrays[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)), begin).reshape(shape)
   return arrays
 
@@ -190,6 +208,23 @@ def _torch_int16() -> Any:
   return torch.int16
 
 
+def _read_bytes(path: str | os.PathLike) -> bytes:
+  """The whole file (local or gs://); one that cannot be read is the user's to fix."""
+  try:
+    return epath.Path(path).read_bytes()
+  except OSError as e:
+    raise WeightsError(f'Cannot read {path} ({e}): check that it is a readable file.') from e
+
+
+def _reason(error: BaseException) -> str:
+  """A library error's first sentence, for a one-line message (torch's run to paragraphs)."""
+  text = str(error)
+  if 'WeightsUnpickler error:' in text:  # torch's weights_only message: keep only its cause
+    text = text.split('WeightsUnpickler error:', 1)[1].split('Check the documentation', 1)[0]
+  text = re.split(r'(?<=\.)\s', ' '.join(text.split()), maxsplit=1)[0][:200].rstrip('.')
+  return f'{type(error).__name__}: {text or "no details"}'
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """A state dict from a file: .npz and .safetensors with numpy, .pth/.pt with torch.
 
@@ -205,28 +240,52 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not epath.Path(path).exists():  # local or gs://
     raise WeightsError(f'{path} does not exist (config.init_from).')
   if name.endswith('.npz'):
-    try:
-      with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as f:
-        return {key: f[key] for key in f.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-      raise WeightsError(f'{path} is not a readable .npz file ({e}).') from e
+    data = _read_bytes(path)
+    try:  # EOFError: an empty file; BadZipFile: a truncated one; the others: corrupt ones
+      loaded = np.load(io.BytesIO(data), allow_pickle=False)
+      arrays = ({key: loaded[key] for key in loaded.files}
+                if isinstance(loaded, np.lib.npyio.NpzFile) else None)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError) as e:
+      raise WeightsError(f'{path} is not a readable .npz file ({_reason(e)}); if it is '
+                         f'truncated or corrupt, {_AGAIN}.') from e
+    if arrays is None:
+      raise WeightsError(f'{path} holds one array, not a state dict: save it with '
+                         f'np.savez(path, **state_dict).')
+    return arrays
   if name.endswith('.safetensors'):
     return read_safetensors(path)
-  if name.endswith(('.pth', '.pt')):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise WeightsError(
-          f'Reading {path} needs PyTorch (pip install torch), which resnet_jax does not '
-          f'depend on. Or save the state dict once where torch is installed as .safetensors '
-          f'or .npz, which read without it.') from e
-    state = torch.load(io.BytesIO(epath.Path(path).read_bytes()), map_location='cpu',
-                       weights_only=True)
-    for wrapper in ('state_dict', 'model'):
-      if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-        state = state[wrapper]
-    if not isinstance(state, Mapping):
-      raise WeightsError(f'{path} holds a {type(state).__name__}, not a state dict.')
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise WeightsError(
+        f'Reading {path} needs PyTorch (pip install torch), which resnet_jax does not '
+        f'depend on. Or save the state dict once where torch is installed as .safetensors '
+        f'or .npz, which read without it.') from e
+  data = _read_bytes(path)
+  if not data:
+    raise WeightsError(f'{path} is empty: {_AGAIN}.')
+  try:
+    state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:  # weights_only: a bad opcode or a non-tensor object
+    raise WeightsError(
+        f'{path} cannot be read with torch.load(weights_only=True) ({_reason(e)}): it is '
+        f'truncated or corrupt, or holds Python objects besides tensors; {_AGAIN}, or '
+        f'save `model.state_dict()` alone.') from e
+  except (RuntimeError, EOFError, ValueError, LookupError, TypeError, AssertionError,
+          struct.error) as e:
+    # Every type torch 2.13's loader raised on files of both its formats cut at every byte
+    # or with bytes changed: RuntimeError from its zip reader ("failed finding central
+    # directory": cut short) and old format ("unexpected EOF"), the rest from its pure-Python
+    # unpickler reading bytes that are no pickle (EOFError, IndexError, KeyError,
+    # UnicodeDecodeError, struct.error, ...).
+    raise WeightsError(f'{path} is not a readable PyTorch file ({_reason(e)}); it is '
+                       f'probably truncated or corrupt: {_AGAIN}.') from e
+  for wrapper in ('state_dict', 'model'):
+    if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+      state = state[wrapper]
+  if not isinstance(state, Mapping):
+    raise WeightsError(f'{path} holds a {type(state).__name__}, not a state dict.')
   return {key: _as_numpy(value) if hasattr(value, 'detach') else value
           for key, value in state.items()}
 

@@ -348,9 +348,8 @@ def test_export_gives_the_eval_models_logits_for_any_batch_size(trained, tmp_pat
   ckpt.close()
   model = models.create_model_from_config(config.model, run.inp.num_classes,
                                           **backend.model_defaults(config.model))
-  images = eval_stream.eval_dataset(config.data, run.inp)[0]['image']
-  images = np.asarray(run.augment.eval(images))  # the normalised inputs --mode=eval's model sees
+  images = eval_stream.eval_dataset(config.data, run.inp)[0]['image']  # uint8, as exported
   for batch in (images[:1], images[:7]):
-    want = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch,
-                       train=False)
+    want = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       run.augment.eval(batch), train=False)  # --mode=eval's normalised inputs
     np.testing.assert_allclose(exported.call(batch), want, rtol=1e-5, atol=1e-5)

@@ -4,9 +4,14 @@ No torch here: tests/data/torchvision_fixture.py recorded torchvision's
 logits for seeded numpy weights (tests/data/torchvision_logits.npz); these
 tests regenerate the same weights with the same code and convert them.
 """
+import fractions
 import functools
 import json
 import os
+import pickle
+import re
+import sys
+import types
 
 import jax
 import ml_dtypes
@@ -240,6 +245,106 @@ def test_unreadable_files(tmp_path):
     (tmp_path / 'weights.pth').write_bytes(b'')
     with pytest.raises(tw.WeightsError, match='needs PyTorch.*safetensors or .npz'):
       tw.load_state_dict(tmp_path / 'weights.pth')
+
+
+
+def assert_one_line_error(path, *patterns):
+  """load_state_dict(path) raises WeightsError: one line, naming the file, saying what to do."""
+  with pytest.raises(tw.WeightsError) as raised:
+    tw.load_state_dict(path)
+  message = str(raised.value)
+  assert '\n' not in message and str(path) in message, message
+  for pattern in patterns:
+    assert re.search(pattern, message), (pattern, message)
+  return message
+
+
+def small_state_dict():
+  return {'conv1.weight': np.arange(4 * 3 * 3 * 3, dtype=np.float32).reshape(4, 3, 3, 3),
+          'bn1.running_var': np.ones(4, np.float32)}
+
+
+@pytest.mark.parametrize('cut', ['empty', 'header', 'half', 'last_byte'])
+def test_truncated_safetensors_and_npz_say_download_again(tmp_path, cut):
+  """A download cut short anywhere (an interrupted transfer) names the file and the fix."""
+  for suffix in ('.safetensors', '.npz'):
+    whole = tmp_path / f'whole{suffix}'
+    if suffix == '.npz':
+      np.savez(whole, **small_state_dict())
+    else:
+      write_safetensors(whole, small_state_dict())
+    data = whole.read_bytes()
+    size = {'empty': 0, 'header': 12, 'half': len(data) // 2, 'last_byte': len(data) - 1}[cut]
+    path = tmp_path / f'cut{suffix}'
+    path.write_bytes(data[:size])
+    assert_one_line_error(path, 'download it again')
+
+
+def test_corrupt_safetensors_header_entry(tmp_path):
+  path = tmp_path / 'bad.safetensors'
+  header = json.dumps({'w': {'dtype': 'F32', 'shape': [2]}}).encode()  # no data_offsets
+  path.write_bytes(len(header).to_bytes(8, 'little') + header + bytes(8))
+  assert_one_line_error(path, "tensor 'w' has a malformed header entry", 'download it again')
+
+
+def test_an_npz_of_one_array_is_not_a_state_dict(tmp_path):
+  np.save(tmp_path / 'one.npy', np.zeros(3))
+  (tmp_path / 'one.npz').write_bytes((tmp_path / 'one.npy').read_bytes())
+  assert_one_line_error(tmp_path / 'one.npz', r'holds one array, not a state dict.*np\.savez')
+
+
+# What torch 2.13's torch.load(weights_only=True) raised for damaged files (recorded with it),
+# for the tests where torch is not installed.
+TORCH_ERRORS = {
+    'cut short': RuntimeError(
+        'PytorchStreamReader failed reading zip archive: failed finding central directory. '
+        'This is an internal miniz error. If you are seeing this error, there may be a bug.'),
+    'cut by 3 bytes': ValueError('negative seek value -2395'),
+    'old format cut short': RuntimeError(
+        'unexpected EOF, expected 2248 more bytes. The file might be corrupted.'),
+    'old format header only': EOFError(),
+    'not a pickle': KeyError(101),
+    'bad opcode': pickle.UnpicklingError(
+        'Weights only load failed. In PyTorch 2.6, we changed the default value of the '
+        '`weights_only` argument.\nPlease file an issue with the following: WeightsUnpickler '
+        'error: \n\nUnsupported operand 0\n\nCheck the documentation of torch.load to learn more.'),
+}
+
+
+@pytest.mark.parametrize('case', list(TORCH_ERRORS))
+def test_damaged_pth_without_torch_installed(tmp_path, monkeypatch, case):
+  """torch's own error types (recorded above) become one-line WeightsErrors naming the file."""
+  def load(*args, **kwargs):
+    raise TORCH_ERRORS[case]
+  monkeypatch.setitem(sys.modules, 'torch', types.SimpleNamespace(load=load))
+  path = tmp_path / 'resnet18.pth'
+  path.write_bytes(b'PK\x03\x04 part of a download')
+  message = assert_one_line_error(path, 'download it again')
+  assert type(TORCH_ERRORS[case]).__name__ in message
+  if case == 'bad opcode':  # the cause, without torch's paragraphs
+    assert 'Unsupported operand 0' in message and 'PyTorch 2.6' not in message
+  (tmp_path / 'empty.pth').write_bytes(b'')
+  assert_one_line_error(tmp_path / 'empty.pth', 'empty.pth is empty: download it again')
+
+
+def test_damaged_pth_with_torch(tmp_path):
+  """The real torch.load on cut-short files of both of torch's formats, and on a pickle of
+  objects that weights_only refuses."""
+  torch = pytest.importorskip('torch')
+  state_dict = {key: torch.from_numpy(value) for key, value in small_state_dict().items()}
+  torch.save(state_dict, tmp_path / 'zip.pth')
+  torch.save(state_dict, tmp_path / 'old.pth', _use_new_zipfile_serialization=False)
+  torch.save({'fc': fractions.Fraction(1, 3)}, tmp_path / 'objects.pth')
+  np.testing.assert_array_equal(tw.load_state_dict(tmp_path / 'zip.pth')['conv1.weight'],
+                                small_state_dict()['conv1.weight'])
+  for name in ('zip.pth', 'old.pth'):
+    data = (tmp_path / name).read_bytes()
+    for size in (0, 3, 40, len(data) // 2, len(data) - 3):
+      path = tmp_path / f'cut_{size}_{name}'
+      path.write_bytes(data[:size])
+      assert_one_line_error(path, 'download it again')
+  assert_one_line_error(tmp_path / 'objects.pth', 'Python objects besides tensors',
+                        r'model\.state_dict\(\)')
 
 
 # --- Bad state dicts: an error naming the keys, nothing converted. ---------------
