@@ -42,6 +42,9 @@ def main(argv):
             config_path=config_flags.get_config_filename(flags.FLAGS['config']))
   except cli.user_errors() as e:  # the message says what is wrong and what to do
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt as e:  # before training started, or a third Ctrl-C
+    print(f'interrupted: {e or "Ctrl-C"}', file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':

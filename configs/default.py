@@ -124,4 +124,10 @@ def get_config() -> config_dict.ConfigDict:
   c.checkpoint_every_steps = 0           # 0: once per epoch
   c.keep_checkpoints = 3
   c.profile = False                      # capture a profile of a few steps
+  # Resuming a workdir with a config that changes what is trained (model, data, batch
+  # size, optimizer, schedule, seed) stops and lists the differences; True lets it go
+  # on. Either way the changes are recorded in WORKDIR/config_changes.jsonl. Logging,
+  # evaluation and checkpoint periods, more steps or epochs, the data location and the
+  # loader's workers and buffers may always change.
+  c.allow_resume_changes = False
   return c

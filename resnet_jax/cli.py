@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 import ml_collections
@@ -20,9 +21,37 @@ _CHATTY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/xla_bridge.py')
 
 
 def quiet_library_logs() -> None:
+  """Library INFO lines off; orbax's error records without their tracebacks; tensorstore's
+  callbacks into a closed event loop unprinted.
+
+  A failed checkpoint read or write (a damaged file, a full disk) ends with
+  one line from resnet_jax saying what to do. Before it, orbax logs the error
+  with a traceback from each of its threads, and tensorstore, finishing the
+  other reads and writes after orbax closed their event loop, prints a
+  `RuntimeError: Event loop is closed` traceback for each (thousands for a
+  large model): noise that hides the line that matters.
+  """
   def keep(record: logging.LogRecord) -> bool:
+    if '/asyncio/' in record.pathname and 'exception was never retrieved' in str(record.msg):
+      return False  # orbax's other reads or writes of the failed one, collected at exit
+    if '/orbax/' in record.pathname and record.levelno >= logging.ERROR and record.exc_info:
+      record.msg = f'{record.getMessage()} ({record.exc_info[0].__name__}: ' + (
+          str(record.exc_info[1]).splitlines() or [''])[0][:300] + ')'
+      record.args, record.exc_info, record.exc_text = (), None, None
     return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _CHATTY)
   absl_logging.get_absl_handler().addFilter(keep)
+
+  previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, value, traceback):
+    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+      previous_hook(kind, value, traceback)
+
+  def unraisablehook(unraisable):
+    if not (isinstance(unraisable.exc_value, (RuntimeError, ImportError)) and str(
+        unraisable.exc_value).startswith(('Event loop is closed', 'sys.meta_path is None'))):
+      previous_unraisable(unraisable)
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def config_error_message(error: Exception, argv: list[str]) -> str:
@@ -43,7 +72,12 @@ def config_error_message(error: Exception, argv: list[str]) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that ends with a plain message, not a traceback, on bad flags."""
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
+    getattr(flags.FLAGS['config'].value, 'keys')  # a file that failed to load raises here
+    return argv
+  except OSError as e:  # config_flags: the --config file cannot be read
+    detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    raise SystemExit(f'error: --config: cannot load the config file ({detail}).') from None
   except CONFIG_ERRORS as e:
     raise SystemExit(config_error_message(e, argv)) from None
   except flags.Error as e:

@@ -25,3 +25,7 @@ class CheckpointError(UserError, RuntimeError):
 
 class DivergedError(UserError, FloatingPointError):
   """A non-finite loss: training stopped without saving the bad state."""
+
+
+class WorkdirInUseError(UserError, RuntimeError):
+  """A workdir (or a sweep member) that another live run holds the lock of."""

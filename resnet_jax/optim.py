@@ -49,13 +49,22 @@ def create_optimizer(config: Any) -> optax.GradientTransformation:
   )
 
 
-def schedule_fn(config: Any, steps_per_epoch: int, total_steps: int) -> Callable[[Any], Any]:
-  """step -> learning rate, before any plateau scaling or ResNet-110 warm-up."""
+def check_schedule(config: Any) -> None:
+  """config.schedule's name, unit and boundaries (before any step count is known)."""
   s = config.schedule
   if s.name not in SCHEDULES:
     raise errors.ConfigError(f'config.schedule.name={s.name!r}; choose one of {", ".join(SCHEDULES)}.')
   if s.unit not in ('steps', 'epochs'):
     raise errors.ConfigError(f"config.schedule.unit={s.unit!r}; choose 'steps' or 'epochs'.")
+  if list(s.boundaries) != sorted(s.boundaries) or any(b < 0 for b in s.boundaries):
+    raise errors.ConfigError('config.schedule.boundaries must increase from 0 or more, got '
+                             f'{tuple(s.boundaries)}.')
+
+
+def schedule_fn(config: Any, steps_per_epoch: int, total_steps: int) -> Callable[[Any], Any]:
+  """step -> learning rate, before any plateau scaling or ResNet-110 warm-up."""
+  check_schedule(config)
+  s = config.schedule
   unit = steps_per_epoch if s.unit == 'epochs' else 1
   base = base_learning_rate(config)
   warmup = int(round(s.warmup_length * unit))
@@ -63,8 +72,6 @@ def schedule_fn(config: Any, steps_per_epoch: int, total_steps: int) -> Callable
     return optax.warmup_cosine_decay_schedule(0.0, base, warmup, max(total_steps, warmup + 1))
   if s.name == 'step':
     boundaries = [int(round(b * unit)) for b in s.boundaries]
-    if boundaries != sorted(boundaries):
-      raise errors.ConfigError(f'config.schedule.boundaries must increase, got {tuple(s.boundaries)}.')
     main = optax.piecewise_constant_schedule(base, {b: s.factor for b in boundaries})
   else:  # constant, plateau (its divisions come from ScheduleState.lr_scale)
     main = optax.constant_schedule(base)

@@ -72,13 +72,26 @@ def check_batch_sizes(config: Any, num_devices: int) -> None:
       raise errors.ConfigError(f'config.model.bn_group_size={group} does not divide the {where} of {batch}.')
 
 
+def any_host(flag: bool) -> bool:
+  """Whether `flag` is set on any host (every host must call this together)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def check_parallel(config: Any, num_devices: int) -> None:
+  del num_devices  # (both strategies run on any number)
+  if config.parallel not in PARALLEL_MODES:
+    raise errors.ConfigError(f'config.parallel={config.parallel!r}; choose one of '
+                             f'{", ".join(PARALLEL_MODES)}.')
+
+
 def create(config: Any, make_model: Callable[[str | None], Any], tx: Any,
            schedule: Callable, input_shape: tuple[int, ...], augment: Any = None) -> Parallel:
   """The strategy named by `config.parallel`; `make_model(bn_axis_name)` builds the net;
   `augment` (augment.DeviceAugment) turns uint8 batches into model inputs in the steps."""
-  if config.parallel not in PARALLEL_MODES:
-    raise errors.ConfigError(f'config.parallel={config.parallel!r}; choose one of '
-                     f'{", ".join(PARALLEL_MODES)}.')
+  check_parallel(config, jax.device_count())
   check_batch_sizes(config, jax.device_count())
   global_mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(global_mesh, P())

@@ -15,6 +15,8 @@ from typing import Any
 
 from etils import epath
 
+from resnet_jax import errors
+
 try:  # gs:// without TensorFlow goes through gcsfs (fsspec), whose directory listings are
   # cached per process: checkpoints that orbax writes through tensorstore would not show.
   import fsspec  # pylint: disable=g-import-not-at-top
@@ -31,6 +33,29 @@ def workdir_path(path: str | os.PathLike) -> epath.Path:
   """An epath for `path`: `gs://...` as given, a local path made absolute."""
   path = os.fspath(path)
   return epath.Path(path if is_remote(path) else os.path.abspath(os.path.expanduser(path)))
+
+
+def make_workdir(path: epath.Path) -> None:
+  """Creates the workdir; one that is a file or may not be written is a clear error."""
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+      raise FileExistsError(path)
+  except (FileExistsError, NotADirectoryError):
+    raise errors.ConfigError(f'--workdir={path} is a file (or lies under one), not a '
+                             'directory: pick another --workdir.') from None
+  except PermissionError as e:
+    raise errors.ConfigError(f'--workdir={path} cannot be created ({e.strerror}): pick a '
+                             'directory you may write to.') from None
+  if not is_remote(path) and not os.access(path, os.W_OK | os.X_OK):
+    raise errors.ConfigError(f'--workdir={path} is not writable by this user: fix its '
+                             'permissions or pick another --workdir.')
+
+
+def append_line(path: epath.Path, line: str) -> None:
+  """Adds a line to a small text file (gs:// objects cannot be appended to: rewritten)."""
+  old = path.read_text() if path.exists() else ''
+  path.write_text(old + line.rstrip('\n') + '\n')
 
 
 def write_json(path: epath.Path, value: Any) -> None:

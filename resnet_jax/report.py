@@ -160,9 +160,10 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
     run = train.setup(config)
     steps_total = run.steps_total
     results = sweep.final_results(member_dir)
-    rows.append({'member': name, 'model': config.model.name,
-                 'status': 'finished' if results['steps'] >= steps_total else 'unfinished',
-                 **results})
+    status = sweep.member_status(member_dir)  # running: another process trains it now
+    if status in ('unfinished', 'pending') and results['steps'] >= steps_total:
+      status = 'finished'  # (trained before sweeps marked their members DONE)
+    rows.append({'member': name, 'model': config.model.name, 'status': status, **results})
     if (member_dir / 'checkpoints').is_dir():
       analyses[name] = analyse_member(config, run, member_dir)
   if writer:

@@ -17,6 +17,7 @@ import jax
 from absl import logging
 from etils import epath
 
+from resnet_jax import errors
 from resnet_jax import paths
 
 
@@ -75,8 +76,7 @@ class JsonlWriter(LoggingWriter):
         if eval_pending and line['step'] == resume_step:  # it is evaluated again
           return not any(key.startswith('eval_') for key in line)
         return line['step'] <= resume_step
-      kept = [line + '\n' for line in path.read_text().splitlines()
-              if line.strip() and keep(json.loads(line))]
+      kept = [json.dumps(line) + '\n' for line in read_metrics(path) if keep(line)]
     self._lines = kept if paths.is_remote(path) else None
     path.write_text(''.join(kept))
     self._file = None if self._lines is not None else open(path, 'a')  # pylint: disable=consider-using-with
@@ -100,6 +100,27 @@ class JsonlWriter(LoggingWriter):
   def close(self):
     if self._file is not None:
       self._file.close()
+
+
+def read_metrics(path: epath.Path) -> list[dict[str, Any]]:
+  """metrics.jsonl's records. A torn last line (a crash in the middle of writing it) is
+  dropped with a warning; an unreadable line before it is an error naming the line."""
+  lines = [line for line in path.read_bytes().decode('utf-8', 'replace').splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+        raise ValueError('not a {"step": ..., ...} record')
+    except ValueError as e:
+      if number == len(lines):
+        logging.warning('%s: dropped its torn last line (%s): %r', path, e, line[:200])
+        break
+      raise errors.UserError(
+          f'{path}, line {number}, is not a metrics record ({e}): {line[:200]!r}. Fix or '
+          'delete that line and rerun the same command.') from e
+    records.append(record)
+  return records
 
 
 class MultiWriter(LoggingWriter):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import traceback
 from typing import Any
 
@@ -29,7 +28,10 @@ from absl import logging
 from etils import epath
 
 from resnet_jax import errors
+from resnet_jax import parallel
 from resnet_jax import paths
+from resnet_jax import run_log
+from resnet_jax import workdir_lock
 from resnet_jax import config_lib
 
 
@@ -73,7 +75,7 @@ def read_metrics(workdir: str | epath.Path) -> list[dict[str, Any]]:
   path = paths.workdir_path(workdir) / 'metrics.jsonl'
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return run_log.read_metrics(path)  # (a member still running may have a torn last line)
 
 
 # Training errors whose first crossing measures how fast a net converges.
@@ -97,29 +99,72 @@ def final_results(workdir: str | epath.Path) -> dict[str, Any]:
   }
 
 
+# Markers in a member's directory: it finished, or failed (the last line of its error).
+DONE, FAILED = 'DONE', 'FAILED'
+
+
+def member_status(member_dir: epath.Path) -> str:
+  """finished, failed, running (another process holds its lock), unfinished or pending."""
+  if (member_dir / DONE).exists():
+    return 'finished'
+  if (member_dir / FAILED).exists():
+    return 'failed'
+  if member_dir.is_dir() and workdir_lock.live_holder(member_dir) is not None:
+    return 'running'
+  return 'unfinished' if (member_dir / 'metrics.jsonl').exists() else 'pending'
+
+
 def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -> list[dict]:
-  """Trains every member (skipping finished ones) and writes the summary."""
+  """Trains every member not finished, failed or being trained elsewhere, and writes the
+  summary of all of them.
+
+  Several processes or machines may run the same sweep command on one directory: each
+  member's training holds its workdir's lock, so a member is trained by one of them, and
+  the others move on (a member trained elsewhere shows as running in their summaries;
+  the last process to finish writes the complete one). A failed member is not retried
+  until its FAILED file is deleted.
+  """
   from resnet_jax import train  # pylint: disable=g-import-not-at-top
   workdir = paths.workdir_path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  rows = []
-  for name, overrides in load_sweep(config_path).items():
+  paths.make_workdir(workdir)
+  members = load_sweep(config_path)
+  configs = {name: member_config(base, overrides) for name, overrides in members.items()}
+  primary = jax.process_index() == 0
+  for name, overrides in members.items():
     member_dir = workdir / name
-    config = member_config(base, overrides)
-    status = 'finished'
+    status = member_status(member_dir)
+    # Every host of this run decides alike (another job may be writing DONE meanwhile).
+    if parallel.any_host(status in ('finished', 'failed')):
+      logging.info('Sweep member %s: %s earlier; skipped%s.', name, status,
+                   f' (delete {member_dir / FAILED} to retry it)' if status == 'failed' else '')
+      continue
     try:
       logging.info('Sweep member %s: %s', name, overrides)
-      train.train_and_evaluate(config, str(member_dir))
+      train.train_and_evaluate(configs[name], str(member_dir))
+      if primary:
+        (member_dir / DONE).write_text('')
     except train.Preempted:
       raise  # the whole sweep stops; rerunning it resumes this member
-    except Exception:  # pylint: disable=broad-except  (one failure must not stop the sweep)
+    except errors.WorkdirInUseError as e:  # another process trains it
+      logging.info('Sweep member %s: %s', name, e)
+      continue
+    except Exception as e:  # pylint: disable=broad-except  (one failure must not stop the sweep)
       logging.error('Sweep member %s failed:\n%s', name, traceback.format_exc())
-      status = 'failed'
-    rows.append({'member': name, 'model': config.model.name, 'status': status,
-                 **final_results(member_dir)})
-    if jax.process_index() == 0:  # on several hosts, one writes
-      write_summary(workdir, rows)
+      if primary:
+        (member_dir / FAILED).write_text(f'{type(e).__name__}: {e}'.splitlines()[0] + '\n')
+    finally:
+      if primary:
+        write_summary(workdir, summary_rows(workdir, configs))
+  rows = summary_rows(workdir, configs)
+  if primary:
+    write_summary(workdir, rows)
   return rows
+
+
+def summary_rows(workdir: epath.Path, configs: dict[str, Any]) -> list[dict[str, Any]]:
+  """Every member's status and figures, as found on disk (whoever trained it)."""
+  return [{'member': name, 'model': config.model.name, 'status': member_status(workdir / name),
+           **final_results(workdir / name)} for name, config in configs.items()]
 
 
 def summary_path(workdir: str | epath.Path, kind: str) -> epath.Path:

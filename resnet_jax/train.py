@@ -8,11 +8,11 @@ and maintenance) finishes the current step, saves and returns.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
-import signal
-import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -26,14 +26,16 @@ from etils import epath
 from resnet_jax.data import device_augment as augment_lib
 from resnet_jax import backend
 from resnet_jax import checkpointing
+from resnet_jax import config_checks
 from resnet_jax import errors
 from resnet_jax import models
 from resnet_jax import optim
 from resnet_jax import parallel
 from resnet_jax import paths
+from resnet_jax import preemption as preemption_lib
 from resnet_jax import run_log
+from resnet_jax import workdir_lock
 from resnet_jax.data import eval_stream
-from resnet_jax.data import host_preprocess
 from resnet_jax.data import inputs as inputs_lib
 from resnet_jax.data import normalization
 from resnet_jax.data import train_stream
@@ -59,45 +61,8 @@ def every(value: int, steps_per_epoch: int) -> int:
   return value if value > 0 else steps_per_epoch
 
 
-class Preempted(Exception):
-  """Training stopped early on SIGTERM after saving a checkpoint (not an error)."""
-
-
-class Preemption:
-  """SIGTERM (TPU VM preemption or maintenance) -> stop at the next safe point.
-
-  Safe points are the end of each training step and the start of each
-  evaluation batch, so an evaluation (50,000 ImageNet images, 10 crops) never
-  holds up a preemption notice: the loop stops it and saves.
-  One process: our own SIGTERM handler. Several: JAX's preemption sync manager
-  (started by jax.distributed.initialize) catches the signal on any host and
-  picks one safe point at which every host stops, so that they all save
-  together. Every host passes the same safe points in the same order (the
-  same steps and the same number of eval batches), which is what it needs.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-    self._multihost = jax.process_count() > 1
-    self._safe_points = 0
-
-  def __enter__(self):
-    if not self._multihost and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def reached(self) -> bool:
-    """Whether to stop here; call at every safe point, on every host alike."""
-    if self._multihost:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      self._safe_points += 1
-      return multihost_utils.reached_preemption_sync_point(self._safe_points)
-    return self._event.is_set()
+# Kept here for callers that catch train.Preempted.
+Preempted = preemption_lib.Preempted
 
 
 def save_config(config: Any, workdir: epath.Path, cpu_kernels_used: str) -> None:
@@ -125,16 +90,7 @@ def setup(config: Any) -> Setup:
   The backend-dependent choices (backend.py) are made here, once, before
   anything is traced.
   """
-  model_options = dict(config.model)
-  models.check_options(model_options.pop('name'), model_options)  # fail before touching data
-  if 'multi_scale' in (config.data.eval_crop, config.data.final_eval_crop) and (
-      config.model.name == 'vgg19'):
-    raise errors.ConfigError('Multi-scale testing needs a fully-convolutional net (a ResNet or '
-                             "plain net); vgg19's classifier takes one input size.")
-  parallel.check_batch_sizes(config, jax.device_count())
-  host_preprocess.check_eval_crop(config.data)  # both crops now, not after the last step
-  if config.data.final_eval_crop:
-    host_preprocess.check_eval_crop(config.data, 'final_eval_crop')
+  config_checks.validate(config, jax.device_count())  # every value, before touching data
   cpu_kernels = backend.choose_cpu_kernels(config.cpu_kernels)
   run_options = {**backend.model_defaults(config.model), **cpu_kernels.model_options}
   inp = inputs_lib.create_input(
@@ -275,15 +231,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the last eval metrics.
   """
   workdir = paths.workdir_path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  run = setup(config)
+  run = setup(config)  # every config value and the data, before the workdir is touched
+  with _claim(workdir):
+    ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+    try:
+      _check_resume_config(config, workdir, ckpt)
+      state, step, loop = restore_or_init(run.strategy, ckpt, config)
+      save_config(config, workdir, run.cpu_kernels_used)
+      # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
+      pending_eval = bool(loop.get('pending_eval'))
+      writer = run_log.create_writer(workdir, step if step else None, pending_eval)
+      try:
+        return _train(config, workdir, run, ckpt, writer, state, step, loop, pending_eval)
+      finally:
+        writer.close()
+    finally:
+      ckpt.close()
+
+
+@contextlib.contextmanager
+def _claim(workdir: epath.Path) -> Iterator[None]:
+  """The workdir, created if need be and locked for this run: a second run on it stops at
+  once, naming this one (process 0 holds the lock; every host learns whether it got it)."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    try:
+      paths.make_workdir(workdir)
+      stack.enter_context(workdir_lock.hold(workdir, purpose='train',
+                                            enabled=jax.process_index() == 0))
+    except errors.UserError as e:
+      error = e
+    if parallel.any_host(error is not None):
+      raise error or errors.WorkdirInUseError(
+          f'{workdir}: process 0 could not claim it for this run (see its message).')
+    yield
+
+
+def _check_resume_config(config: Any, workdir: epath.Path,
+                         ckpt: checkpointing.Checkpoints) -> None:
+  """A resumed run trains what its checkpoints were trained for: a config that changes that
+  (model, data, batch size, optimizer, schedule, seed) stops with the differences unless
+  config.allow_resume_changes; every change is logged and recorded in config_changes.jsonl."""
+  saved_path = workdir / 'config.json'
+  if not ckpt.steps() or not saved_path.exists():
+    return
+  harmful, harmless = config_checks.resume_changes(paths.read_json(saved_path), config)
+  if harmful and not config.allow_resume_changes:
+    listed = '\n  '.join(f'config.{k}: {old!r} -> {new!r}' for k, (old, new) in harmful.items())
+    raise errors.ConfigError(
+        f'{workdir} was trained with another config; this one changes what is trained:\n  '
+        f'{listed}\nRerun with the config it was trained with (see {saved_path}), use a new '
+        'workdir, or add --config.allow_resume_changes=True to go on with these changes.')
+  changes = {**harmful, **harmless}
+  if changes:
+    log = logging.warning if harmful else logging.info
+    log('Resuming %s with config changes: %s', workdir,
+        '; '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items()))
+    if jax.process_index() == 0:
+      record = {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                'after_step': ckpt.latest_step(),
+                'changes': {k: [old, new] for k, (old, new) in changes.items()}}
+      paths.append_line(workdir / 'config_changes.jsonl', json.dumps(record))
+
+
+def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Checkpoints,
+           writer: run_log.LoggingWriter, state: Any, step: int, loop: dict[str, Any],
+           pending_eval: bool) -> dict[str, float]:
+  """The training loop, from `step` (restored or 0) to the end or a preemption."""
   inp, strategy, steps_total = run.inp, run.strategy, run.steps_total
-  ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
-  state, step, loop = restore_or_init(strategy, ckpt, config)
-  save_config(config, workdir, run.cpu_kernels_used)
-  # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
-  pending_eval = bool(loop.get('pending_eval'))
-  writer = run_log.create_writer(workdir, step if step else None, pending_eval)
   if step == 0:
     writer.write_hparams(_flatten(config))
 
@@ -291,8 +306,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.warning('%s is already trained for %d steps (config: %d); nothing to do. Raise '
                     'config.num_train_steps (or num_epochs) to train further.', workdir, step,
                     steps_total)
-    ckpt.close()
-    writer.close()
     return {}
 
   log_every = config.log_every_steps
@@ -310,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = _prefetch(train_batches, strategy.put_batch, config.data.prefetch)
   clock = run_log.TrainClock(step)
   preempted = False
-  with Preemption() as preemption:
+  with preemption_lib.Preemption() as preemption:  # until the last save has finished
     while step < steps_total or pending_eval:
       if pending_eval:
         evaluated, resumed_eval, pending_eval = True, True, False
@@ -318,6 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = strategy.train_step(state, next(batches))
         window = metrics if window is None else _accumulate(window, metrics)
         step += 1
+        ckpt.check_saves()  # a failed asynchronous save (a full disk) stops the run now
         progress(step)
         if profile_steps:
           _profile(profile_steps, step, workdir)
@@ -364,20 +378,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _save(ckpt, strategy, step, state, window, metrics=eval_metrics if evaluated else None)
       if preempted:
         break
-  train_batches.close()  # grain's workers stop and free their buffers now
-  ckpt.wait()
-  ckpt.close()
-  writer.flush()
-  writer.close()
+    train_batches.close()  # grain's workers stop and free their buffers now
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
   if preempted:
-    raise Preempted(f'SIGTERM: saved a checkpoint at step {step} and stopped; rerun the same '
-                    'command to continue.')
+    raise Preempted(preemption.message(step))
   return eval_metrics
 
 
 def _final_evaluation(config: Any, inp: inputs_lib.Input, strategy: parallel.Parallel,
                       state: Any, metrics: dict[str, float],
-                      preemption: Preemption) -> dict[str, float] | None:
+                      preemption: preemption_lib.Preemption) -> dict[str, float] | None:
   """The last step's evaluation once more with config.data.final_eval_crop (the paper's
   ImageNet protocol reports 10-crop error), as eval_<crop>_* metrics; None if stopped."""
   crop = config.data.final_eval_crop
@@ -441,11 +453,14 @@ def _check_finite(which: str, loss: float, step: int, ckpt: checkpointing.Checkp
   """Stops the run on a non-finite loss, before that state is saved or used for any decision."""
   if not math.isfinite(loss):
     ckpt.wait()
+    last = ckpt.latest_step()
+    where = (f'The last good checkpoint is at step {last} in {ckpt.directory}' if last else
+             'No checkpoint was saved before it')
+    resumes = 'continues from that checkpoint' if last else 'starts again from step 0'
     raise errors.DivergedError(
         f'The {which} loss is {loss} at step {step}: training stopped without saving this '
-        f'state. The last good checkpoint is at step {ckpt.latest_step()} in {ckpt.directory}. '
-        'Lower config.optimizer.learning_rate (or add warm-up via config.schedule.warmup_length) '
-        'and rerun the same command: training continues from that checkpoint.')
+        f'state. {where}. Lower config.optimizer.learning_rate (or add warm-up via '
+        f'config.schedule.warmup_length) and rerun the same command: training {resumes}.')
 
 
 def _flatten(config: Any, prefix: str = '') -> dict[str, Any]:

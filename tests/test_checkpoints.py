@@ -63,12 +63,13 @@ parallel.create = _slow_create
 """
 
 
-def _start(workdir, args, prelude='', env=None):
+def _start(workdir, args, prelude='', env=None, start_new_session=False):
   code = (f'{prelude}\nimport runpy, sys\nsys.argv = ["run.py", "--workdir={workdir}"] + {args!r}\n'
           f'runpy.run_path({os.path.join(helpers.REPO, "run.py")!r}, run_name="__main__")\n')
   return subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, cwd=helpers.REPO,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})},
+                          start_new_session=start_new_session)
 
 
 def _wait_for(process, ready, timeout=300):

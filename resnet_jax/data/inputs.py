@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import signal
 from typing import Any
 
 import grain
@@ -140,4 +141,11 @@ def loader(dataset: grain.MapDataset, data_config: Any) -> grain.IterDataset:
     return iterable
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (set by run.py's app.run)
     flags.FLAGS.mark_as_parsed()
-  return iterable.mp_prefetch(workers)
+  return iterable.mp_prefetch(workers, worker_init_fn=_ignore_interrupts)
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+  """Ctrl-C reaches every process of the terminal's group: the workers leave it to the
+  trainer, which stops at a safe point and saves (they end when it closes the loader)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -67,6 +67,12 @@ def per_pixel_mean(builder: tfds.core.DatasetBuilder, split: str, size: int) -> 
   return mean
 
 
+def check_normalize(data_config: Any) -> None:
+  if data_config.normalize not in NORMALIZATIONS:
+    raise errors.ConfigError(f'config.data.normalize={data_config.normalize!r}; choose one of '
+                             f'{", ".join(NORMALIZATIONS)}.')
+
+
 def device_augment(data_config: Any, builder: tfds.core.DatasetBuilder, train_split: str,
                    seed: int) -> device_augment_lib.DeviceAugment:
   """What the jitted steps do to the pipeline's uint8 images (normalisation, and the cheap

@@ -1,0 +1,136 @@
+"""Every config value checked in one pass, before a run reads data or writes anything.
+
+A bad value used to surface wherever it was first used: a ZeroDivisionError in
+the loop, an error after config.json and the event files were written, or
+nothing at all (a negative learning rate trains uphill). `validate` reports
+every problem of a config in one message, each naming its field.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+from resnet_jax import backend
+from resnet_jax import errors
+from resnet_jax import models
+from resnet_jax import optim
+from resnet_jax import parallel
+from resnet_jax.data import host_preprocess
+from resnet_jax.data import normalization
+
+# field -> (test, what it must be)
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'batch_size': (lambda v: v >= 1, 'at least 1'),
+    'eval_batch_size': (lambda v: v >= 1, 'at least 1'),
+    'log_every_steps': (lambda v: v >= 1, 'at least 1'),
+    'eval_every_steps': (lambda v: v >= 0, '0 (once per epoch) or more'),
+    'checkpoint_every_steps': (lambda v: v >= 0, '0 (once per epoch) or more'),
+    'keep_checkpoints': (lambda v: v >= 1, 'at least 1'),
+    'optimizer.learning_rate': (lambda v: v > 0, 'positive'),
+    'optimizer.momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'optimizer.weight_decay': (lambda v: v >= 0, '0 or more'),
+    'optimizer.base_batch_size': (lambda v: v >= 0, '0 (no scaling) or more'),
+    'schedule.factor': (lambda v: v > 0, 'positive'),
+    'schedule.patience': (lambda v: v >= 1, 'at least 1'),
+    'schedule.min_improvement': (lambda v: v >= 0, '0 or more'),
+    'schedule.warmup_length': (lambda v: v >= 0, '0 or more'),
+    'schedule.warmup_lr': (lambda v: v >= 0, '0 or more'),
+    'model.bn_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'model.bn_epsilon': (lambda v: v > 0, 'positive'),
+    'data.image_size': (lambda v: v >= 1, 'at least 1'),
+    'data.crop_padding': (lambda v: v >= 0, '0 or more'),
+    'data.pca_lighting': (lambda v: v >= 0, '0 or more'),
+    'data.eval_resize': (lambda v: v >= 0, '0 (no resize) or more'),
+    'data.validation_size': (lambda v: v >= 0, '0 or more'),
+    'data.prefetch': (lambda v: v >= 1, 'at least 1'),
+    'data.worker_buffer': (lambda v: v >= 1, 'at least 1'),
+    'data.read_buffer': (lambda v: v >= 1, 'at least 1'),
+}
+
+
+def _get(config: Any, dotted: str) -> Any:
+  value = config
+  for key in dotted.split('.'):
+    value = value[key]
+  return value
+
+
+def problems(config: Any, num_devices: int) -> list[str]:
+  """What is wrong with `config` for a run on `num_devices` devices (empty: nothing)."""
+  found = []
+  for field, (test, want) in _RANGES.items():
+    value = _get(config, field)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        math.isnan(value) or not test(value)):
+      found.append(f'config.{field}={value!r} must be {want}')
+  if config.num_train_steps <= 0 and not config.num_epochs > 0:
+    found.append(f'config.num_train_steps={config.num_train_steps} and config.num_epochs='
+                 f'{config.num_epochs}: set one of them above 0 (num_train_steps wins when > 0)')
+  model_options = dict(config.model)
+  checks = [
+      lambda: models.check_options(model_options.pop('name'), model_options),
+      lambda: host_preprocess.check_train_augment(config.data),
+      lambda: host_preprocess.check_eval_crop(config.data),
+      lambda: (host_preprocess.check_eval_crop(config.data, 'final_eval_crop')
+               if config.data.final_eval_crop else None),
+      lambda: normalization.check_normalize(config.data),
+      lambda: optim.check_schedule(config),
+      lambda: parallel.check_parallel(config, num_devices),
+      lambda: backend.cpu_kernel_mode(config.cpu_kernels),
+  ]
+  if not found:  # the batch-size checks divide by these
+    checks.append(lambda: parallel.check_batch_sizes(config, num_devices))
+  for check in checks:
+    try:
+      check()
+    except errors.ConfigError as e:
+      found.append(str(e).rstrip('.'))
+  if 'multi_scale' in (config.data.eval_crop, config.data.final_eval_crop) and (
+      config.model.name == 'vgg19'):
+    found.append("multi-scale testing needs a fully-convolutional net (a ResNet or plain net); "
+                 "vgg19's classifier takes one input size")
+  return found
+
+
+def validate(config: Any, num_devices: int) -> None:
+  """Raises one ConfigError listing every problem of `config`."""
+  found = problems(config, num_devices)
+  if len(found) == 1:
+    raise errors.ConfigError(found[0] + '.')
+  if found:
+    raise errors.ConfigError(f'{len(found)} config values cannot work:\n  ' +
+                             '\n  '.join(found) + '\nEvery field and its meaning: '
+                             'configs/default.py.')
+
+
+# Fields a resumed run may change: they do not change what is trained (the loader's
+# processes and buffers, where the data lives, when to log, evaluate and checkpoint, how
+# far to train, the eval batch: every eval example counts once whatever it is).
+RESUME_HARMLESS = (
+    'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+    'checkpoint_every_steps', 'keep_checkpoints', 'profile', 'cpu_kernels', 'parallel',
+    'init_from', 'eval_batch_size', 'allow_resume_changes', 'data.data_dir', 'data.manual_dir',
+    'data.workers', 'data.threads', 'data.worker_buffer', 'data.read_buffer', 'data.prefetch',
+    'data.final_eval_crop', 'data.multi_scale_sides')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def resume_changes(saved: dict[str, Any], config: Any) -> tuple[dict[str, tuple], dict[str, tuple]]:
+  """(changes to what is trained, harmless changes) from the config a workdir was trained
+  with (its config.json) to `config`, each field -> (saved, new). Fields only one of them
+  has (retired or new ones) are not compared."""
+  old = _flatten(saved)
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  changed = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+  harmful = {k: v for k, v in changed.items() if k not in RESUME_HARMLESS}
+  return harmful, {k: v for k, v in changed.items() if k in RESUME_HARMLESS}
