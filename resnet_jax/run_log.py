@@ -78,7 +78,10 @@ class JsonlWriter(LoggingWriter):
         return line['step'] <= resume_step
       kept = [json.dumps(line) + '\n' for line in read_metrics(path) if keep(line)]
     self._lines = kept if paths.is_remote(path) else None
-    path.write_text(''.join(kept))
+    if kept or path.exists():  # rewritten whole, then renamed: a crash leaves the old file
+      temporary = path.with_name(f'{path.name}.tmp')
+      temporary.write_text(''.join(kept))
+      temporary.replace(path)
     self._file = None if self._lines is not None else open(path, 'a')  # pylint: disable=consider-using-with
 
   def write_scalars(self, step, scalars):
@@ -149,8 +152,8 @@ def create_writer(workdir: epath.Path, resume_step: int | None,
   """TensorBoard + logging + metrics.jsonl on the first host; logging elsewhere."""
   if jax.process_index() > 0:
     return LoggingWriter()
-  return MultiWriter([LoggingWriter(), TensorBoardWriter(str(workdir)),
-                      JsonlWriter(workdir / 'metrics.jsonl', resume_step, eval_pending)])
+  jsonl = JsonlWriter(workdir / 'metrics.jsonl', resume_step, eval_pending)  # checks it first
+  return MultiWriter([LoggingWriter(), TensorBoardWriter(str(workdir)), jsonl])
 
 
 class TrainClock:

@@ -235,13 +235,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with _claim(workdir):
     ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
-      _check_resume_config(config, workdir, ckpt)
+      changes = _check_resume_config(config, workdir, ckpt)
       state, step, loop = restore_or_init(run.strategy, ckpt, config)
-      save_config(config, workdir, run.cpu_kernels_used)
       # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
       pending_eval = bool(loop.get('pending_eval'))
+      # (metrics.jsonl is read, and any bad line before its last reported, before anything
+      # is written)
       writer = run_log.create_writer(workdir, step if step else None, pending_eval)
       try:
+        _record_config_changes(workdir, changes)
+        save_config(config, workdir, run.cpu_kernels_used)
         return _train(config, workdir, run, ckpt, writer, state, step, loop, pending_eval)
       finally:
         writer.close()
@@ -268,13 +271,13 @@ def _claim(workdir: epath.Path) -> Iterator[None]:
 
 
 def _check_resume_config(config: Any, workdir: epath.Path,
-                         ckpt: checkpointing.Checkpoints) -> None:
+                         ckpt: checkpointing.Checkpoints) -> dict[str, Any] | None:
   """A resumed run trains what its checkpoints were trained for: a config that changes that
   (model, data, batch size, optimizer, schedule, seed) stops with the differences unless
-  config.allow_resume_changes; every change is logged and recorded in config_changes.jsonl."""
+  config.allow_resume_changes. Returns the record of the changes (None: none)."""
   saved_path = workdir / 'config.json'
   if not ckpt.steps() or not saved_path.exists():
-    return
+    return None
   harmful, harmless = config_checks.resume_changes(paths.read_json(saved_path), config)
   if harmful and not config.allow_resume_changes:
     listed = '\n  '.join(f'config.{k}: {old!r} -> {new!r}' for k, (old, new) in harmful.items())
@@ -287,11 +290,16 @@ def _check_resume_config(config: Any, workdir: epath.Path,
     log = logging.warning if harmful else logging.info
     log('Resuming %s with config changes: %s', workdir,
         '; '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items()))
-    if jax.process_index() == 0:
-      record = {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                'after_step': ckpt.latest_step(),
-                'changes': {k: [old, new] for k, (old, new) in changes.items()}}
-      paths.append_line(workdir / 'config_changes.jsonl', json.dumps(record))
+    return {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+            'after_step': ckpt.latest_step(),
+            'changes': {k: [old, new] for k, (old, new) in changes.items()}}
+  return None
+
+
+def _record_config_changes(workdir: epath.Path, record: dict[str, Any] | None) -> None:
+  """WORKDIR/config_changes.jsonl: one line per resume that changed the config."""
+  if record and jax.process_index() == 0:
+    paths.append_line(workdir / 'config_changes.jsonl', json.dumps(record))
 
 
 def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Checkpoints,

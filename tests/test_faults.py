@@ -55,6 +55,17 @@ def trained18(tmp_path_factory, digits_dir):
   return workdir
 
 
+@pytest.fixture(scope='module')
+def extended24(tmp_path_factory, trained18, digits_dir):
+  """trained18 continued to step 24 with no fault: the run a recovery from step 18 must
+  reproduce (its log differs from `straight`'s by the train line at step 18, where it
+  ended)."""
+  workdir = tmp_path_factory.mktemp('extended') / 'w'
+  shutil.copytree(trained18, workdir)
+  _train(workdir, digits_dir)
+  return workdir
+
+
 def snapshot(workdir):
   """Every file under `workdir` and a hash of its bytes."""
   out = {}
@@ -121,8 +132,10 @@ class Recovers:
 
 @dataclasses.dataclass(frozen=True)
 class Stops:
-  """The run stops at once with a message matching `message`, and changes nothing."""
+  """The run stops at once with a message matching `message`, and changes nothing (but for
+  moving damaged checkpoints to damaged_checkpoints/, where `moves_damaged`)."""
   message: str
+  moves_damaged: bool = False
 
 
 FAULTS: list[tuple[str, Callable, dict, object]] = [
@@ -138,7 +151,8 @@ FAULTS: list[tuple[str, Callable, dict, object]] = [
      {'checkpoint_every_steps': 3, 'data.prefetch': 1}, Recovers(18)),
     ('every checkpoint damaged', _damage_every_checkpoint, {},
      Stops(r'No usable checkpoint in .*every one was found damaged and moved to .*'
-           r'damaged_checkpoints.* delete .*damaged_checkpoints; or use a new workdir')),
+           r'damaged_checkpoints.* delete .*damaged_checkpoints; or use a new workdir',
+           moves_damaged=True)),
     ('another batch size and learning rate', lambda w: None,
      {'batch_size': 32, 'optimizer.learning_rate': 0.05},
      Stops(r'trained with another config.*\n  config.batch_size: 16 -> 32\n'
@@ -150,7 +164,8 @@ FAULTS: list[tuple[str, Callable, dict, object]] = [
 
 
 @pytest.mark.parametrize('name,inject,overrides,outcome', FAULTS, ids=[f[0] for f in FAULTS])
-def test_fault(name, inject, overrides, outcome, trained18, tmp_path, digits_dir, straight):
+def test_fault(name, inject, overrides, outcome, trained18, tmp_path, digits_dir, straight,
+               request):
   del name
   workdir = tmp_path / 'w'
   shutil.copytree(trained18, workdir)
@@ -159,14 +174,24 @@ def test_fault(name, inject, overrides, outcome, trained18, tmp_path, digits_dir
   if isinstance(outcome, Stops):
     with pytest.raises(errors.UserError, match=outcome.message):
       _train(workdir, digits_dir, **overrides)
-    assert snapshot(workdir) == before  # nothing moved, overwritten or deleted
+    after = snapshot(workdir)
+    if outcome.moves_damaged:  # checkpoints/N/... -> damaged_checkpoints/N-TIME/..., as is
+      moved = {k: v for k, v in after.items() if k.startswith('damaged_checkpoints/')}
+      after = {k: v for k, v in after.items() if k not in moved}
+      assert {'checkpoints/' + k.split('/', 1)[1].split('-', 1)[0] + '/' + k.split('/', 2)[2]: v
+              for k, v in moved.items() if not k.endswith('WHY_DAMAGED.txt')} == {
+                  k: v for k, v in before.items() if k.startswith('checkpoints/')}
+      before = {k: v for k, v in before.items() if not k.startswith('checkpoints/')}
+    assert after == before  # nothing (else) moved, overwritten or deleted
     return
   _train(workdir, digits_dir, **overrides)
   step, state = saved_state(workdir)
   _, expected = saved_state(straight)
   assert step == 24
   assert_same_state(state, expected)
-  assert results(workdir) == results(straight)
+  # From 12 the run retrains what `straight` trained; from 18 it continues as trained18 would.
+  reference = straight if outcome.from_step == 12 else request.getfixturevalue('extended24')
+  assert results(workdir) == results(reference)
   moved = sorted(int(d.split('-')[0]) for d in os.listdir(workdir / 'damaged_checkpoints')) if (
       workdir / 'damaged_checkpoints').exists() else []
   assert moved == list(outcome.moved)
@@ -285,10 +310,13 @@ def test_unreadable_checkpoint_is_not_damage(trained18, tmp_path, digits_dir):
   nobody = 65534
   if os.geteuid() != 0 and os.geteuid() == nobody:
     pytest.skip('runs as root, to test as another user')
-  probe = subprocess.run([sys.executable, '-c', 'pass'], user=nobody, check=False,
-                         capture_output=True) if os.geteuid() == 0 else None
-  if os.geteuid() == 0 and probe.returncode != 0:
-    pytest.skip(f'this Python ({sys.executable}) cannot run as uid {nobody}')
+  if os.geteuid() == 0:
+    try:
+      subprocess.run([sys.executable, '-c', 'pass'], user=nobody, check=True,
+                     capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+      pytest.skip(f'this Python ({sys.executable}) cannot run as uid {nobody}: {e} (the '
+                  'in-process test below covers the same path)')
   shared = tmp_path / 'shared'
   shutil.copytree(trained18, shared / 'w')
   shutil.copytree(digits_dir, shared / 'tfds')
@@ -342,3 +370,21 @@ def test_a_full_disk_names_the_failed_save_and_keeps_the_previous_checkpoint(tmp
     assert step == 6
   finally:
     subprocess.run(['umount', str(full)], check=False)
+
+
+def test_a_checkpoint_this_user_may_not_read_stops_and_moves_nothing(trained18, tmp_path,
+                                                                    digits_dir, monkeypatch):
+  """The same fault in-process (runs as root too): os.access says no, as for another user
+  after `chmod 000 checkpoints/18/state`."""
+  workdir = tmp_path / 'w'
+  shutil.copytree(trained18, workdir)
+  state_dir = str(workdir / 'checkpoints' / '18' / 'state')
+  real_access = os.access
+  monkeypatch.setattr(os, 'access', lambda path, mode, **kw: False if os.fspath(path) == (
+      state_dir) else real_access(path, mode, **kw))
+  before = snapshot(workdir)
+  with pytest.raises(errors.CheckpointError,
+                     match=rf'checkpoints/18 cannot be read: access was denied \(Permission '
+                     rf'denied: {state_dir}\). Nothing was moved or deleted'):
+    _train(workdir, digits_dir)
+  assert snapshot(workdir) == before

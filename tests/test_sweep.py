@@ -49,7 +49,7 @@ def test_sweep_then_report(tmp_path, digits_dir):
   # Rerunning skips the finished members and changes nothing.
   before = {m: (workdir / m / 'metrics.jsonl').read_text() for m in ('plain20', 'resnet20')}
   out = helpers.run_py(*args)
-  assert out.stderr.count('is already trained for 4 steps') == 2
+  assert out.stderr.count('finished earlier; skipped') == 2
   assert {m: (workdir / m / 'metrics.jsonl').read_text() for m in before} == before
   assert (workdir / 'summary.md').read_text() == summary
 
@@ -98,7 +98,14 @@ def test_a_preempted_sweep_stops_and_a_failed_member_does_not(tmp_path, monkeypa
     sweep.run_sweep(default.get_config(), str(sweep_file), str(tmp_path / 'out'))
   assert calls == ['plain20', 'resnet20']  # went on after the failure, stopped at SIGTERM
   summary = (tmp_path / 'out' / 'summary.md').read_text()
-  assert '| plain20 | failed |' in summary and 'resnet32' not in summary
+  assert '| plain20 | failed |' in summary and '| resnet32 | pending |' in summary
+  assert (tmp_path / 'out' / 'plain20' / 'FAILED').read_text() == 'RuntimeError: diverged\n'
+  # A rerun goes on with the preempted member and the rest, not the failed one.
+  calls.clear()
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda config, workdir: calls.append(
+      config.model.name) or {})
+  sweep.run_sweep(default.get_config(), str(sweep_file), str(tmp_path / 'out'))
+  assert calls == ['resnet20', 'resnet32']
 
 
 @pytest.mark.parametrize('name,first,count', [
@@ -152,3 +159,48 @@ def test_shipped_sweeps_resolve_to_valid_members(name):
     # Divided by 10 at 50% and 75% of training, as the paper's CIFAR schedule.
     assert [float(lr(s)) for s in (0, 3509, 3510, 5264, 5265)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001])
+
+
+THREE_MEMBERS = SWEEP.replace("'resnet20'}]", "'resnet20'}, {'model.name': 'resnet32'}]")
+
+
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_two_processes_share_one_sweep_each_member_trained_once(where, request, tmp_path,
+                                                                digits_dir):
+  """The same sweep command started twice at once: the members are claimed through their
+  workdirs' locks, each is trained by exactly one process, and both summaries end complete
+  (the last to finish writes after every member is done)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  env = {}
+  if where == 'gs':
+    env = request.getfixturevalue('gcs').env
+    workdir = 'gs://bucket/shared_sweep'
+  else:
+    workdir = str(tmp_path / 'sweep')
+  sweep_file = tmp_path / 'sweep3.py'
+  sweep_file.write_text(THREE_MEMBERS)
+  args = ['--mode=sweep', f'--config={sweep_file}', f'--workdir={workdir}',
+          f'--config.data.data_dir={digits_dir}']
+  code = ('import runpy, sys\nsys.argv = ["run.py"] + %r\n'
+          'runpy.run_path(%r, run_name="__main__")\n' % (args, os.path.join(helpers.REPO,
+                                                                            'run.py')))
+  processes = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=helpers.REPO,
+                                env={**os.environ, **env}) for _ in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  stderr = ''.join(err for _, err in outputs)
+  members = ('plain20', 'resnet20', 'resnet32')
+  for member in members:
+    # Trained once: one process's lines, none resumed or re-ran it.
+    lines = helpers.read_jsonl(f'{workdir}/{member}/metrics.jsonl')
+    assert [line['step'] for line in lines if 'train_loss' in line] == [2, 4], member
+    assert epath.Path(f'{workdir}/{member}/DONE').exists()
+  assert 'is already trained' not in stderr and 'Resuming from' not in stderr, stderr[-3000:]
+  assert stderr.count('is in use by another run') >= 1  # they met at least once
+  summary = epath.Path(f'{workdir}/summary.md').read_text()
+  for member in members:
+    assert f'| {member} | finished | 4 |' in summary, summary

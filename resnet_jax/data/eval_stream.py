@@ -43,4 +43,4 @@ def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
 def eval_batches(data_config: Any, inp: inputs.Input, split: str | None = None,
                  crop: str | None = None) -> Iterator[dict[str, Any]]:
   """The numpy batches of an `eval_dataset`, read with config.data's workers and threads."""
-  return iter(inputs.loader(eval_dataset(data_config, inp, split, crop), data_config))
+  return inputs.Batches(eval_dataset(data_config, inp, split, crop), data_config)

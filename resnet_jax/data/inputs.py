@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import signal
+import threading
 from typing import Any
 
 import grain
@@ -146,6 +147,40 @@ def loader(dataset: grain.MapDataset, data_config: Any) -> grain.IterDataset:
 
 def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
   """Ctrl-C reaches every process of the terminal's group: the workers leave it to the
-  trainer, which stops at a safe point and saves (they end when it closes the loader)."""
+  trainer, which stops at a safe point and saves (they end when it closes the loader).
+  They start with SIGINT blocked (`Batches`), so one sent meanwhile is dropped here."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class Batches:
+  """An iterator over `loader(dataset, data_config)`, to close() when done early.
+
+  grain starts its worker processes while the first batch is fetched; that
+  happens with SIGINT blocked in this thread (and so in the threads and
+  processes started meanwhile), so that a Ctrl-C while a worker imports its
+  modules cannot kill it with a KeyboardInterrupt: it reaches the trainer a
+  moment later instead.
+  """
+
+  def __init__(self, dataset: grain.MapDataset, data_config: Any):
+    self._iterator = iter(loader(dataset, data_config))
+    self._guard = bool(resolve(data_config.workers)) and (
+        threading.current_thread() is threading.main_thread())
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> Any:
+    if not self._guard:
+      return next(self._iterator)
+    self._guard = False
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+      return next(self._iterator)
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+  def close(self) -> None:
+    self._iterator.close()

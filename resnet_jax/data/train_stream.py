@@ -50,8 +50,8 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
 
 
 def train_iterator(data_config: Any, inp: inputs.Input, *, seed: int, start_step: int = 0,
-                   num_steps: int | None = None) -> grain.DatasetIterator:
+                   num_steps: int | None = None) -> inputs.Batches:
   """This host's training batches (numpy, uint8 images) from global step `start_step` on;
   close() it to stop grain's workers early."""
-  return iter(inputs.loader(train_dataset(data_config, inp, seed=seed, start_step=start_step,
-                                   num_steps=num_steps), data_config))
+  return inputs.Batches(train_dataset(data_config, inp, seed=seed, start_step=start_step,
+                                      num_steps=num_steps), data_config)
