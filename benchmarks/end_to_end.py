@@ -72,9 +72,10 @@ def run(config, workdir: str, synthetic: bool) -> float:
     for patch in patches:
       stack.enter_context(patch)
     train.train_and_evaluate(config, workdir)
-  from tests import helpers  # pylint: disable=import-outside-toplevel
-  rates = [line['images_per_sec'] for line in helpers.read_jsonl(
-      os.path.join(workdir, 'metrics.jsonl')) if 'images_per_sec' in line]
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from resnet_jax import run_log  # pylint: disable=import-outside-toplevel
+  rates = [line['images_per_sec'] for line in run_log.read_metrics(
+      epath.Path(workdir) / 'metrics.jsonl') if 'images_per_sec' in line]
   return statistics.median(rates[1:])
 
 

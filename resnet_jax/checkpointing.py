@@ -13,20 +13,19 @@ import errno
 import functools
 import json
 import math
-import os
-import re
 import time
 import uuid
-import zlib
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from resnet_jax import checkpoint_damage as damage
+from resnet_jax import checkpoint_quarantine as quarantine
 from resnet_jax import errors
+from resnet_jax import hosts
 from resnet_jax import paths
 
 BEST_METRIC = 'eval_top1_error'
@@ -40,78 +39,7 @@ CheckpointError = errors.CheckpointError
 RESTORE_ATTEMPTS = 3
 RETRY_SECONDS = 2.0
 
-# What orbax and tensorstore say when a checkpoint's files are missing or corrupt:
-# Python's error types, and the absl status codes that start tensorstore's ValueError
-# messages (FAILED_PRECONDITION: a truncated or undecodable compressed stream).
-_CONTENT_ERRORS = (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)
-_CONTENT_STATUS = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE', 'FAILED_PRECONDITION')
-_CONTENT_MARKERS = ('Error decoding', 'was not found in the checkpoint', 'No such file')
-# Access to the storage: never damage, and retrying will not help.
-_ACCESS_STATUS = ('PERMISSION_DENIED', 'UNAUTHENTICATED')
-# What storage and memory trouble looks like (retried; anything else is a bug: raised).
-_TRANSIENT_ERRORS = (OSError, TimeoutError, MemoryError, ConnectionError)
-_TRANSIENT_STATUS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED',
-                     'CANCELLED', 'INTERNAL', 'UNKNOWN')
 _OK, _DAMAGED, _FAILED = 0, 1, 2  # restore outcomes, in the order hosts agree on them
-
-
-def _status(error: BaseException) -> str | None:
-  """The absl status code a tensorstore error starts with (`NOT_FOUND: ...`), if any."""
-  if not isinstance(error, (ValueError, RuntimeError)):
-    return None
-  match = re.match(r'([A-Z_]{4,}): ', str(error).lstrip())
-  return match.group(1) if match else None
-
-
-def _chain(error: BaseException | None):
-  """The error and its explicit causes (`raise ... from`), not what it was raised during."""
-  while error is not None:
-    yield error
-    error = error.__cause__
-
-
-def content_damage(error: BaseException) -> str | None:
-  """Why `error` shows a checkpoint's content is missing or corrupt; None if it does not.
-
-  Missing files and items, truncated or corrupt array data and unparsable
-  metadata are content damage; anything else (permissions, timeouts, transient
-  read errors, memory) is not, and must never get a checkpoint moved aside.
-  """
-  for e in _chain(error):
-    if access_denied(e):
-      return None
-    message = str(e)
-    if (isinstance(e, _CONTENT_ERRORS) or _status(e) in _CONTENT_STATUS or
-        (isinstance(e, OSError) and e.errno == errno.ENOENT) or
-        (isinstance(e, (KeyError, ValueError)) and any(m in message for m in _CONTENT_MARKERS))):
-      return f'{type(e).__name__}: {_summary(message)}'
-  return None
-
-
-def access_denied(error: BaseException) -> bool:
-  """Whether the storage refused access (permissions, credentials) anywhere in the chain."""
-  return any(isinstance(e, PermissionError) or _status(e) in _ACCESS_STATUS
-             for e in _chain(error))
-
-
-def transient(error: BaseException) -> bool:
-  """Whether `error` looks like storage or memory trouble that may pass (worth a retry)."""
-  return isinstance(error, _TRANSIENT_ERRORS) or _status(error) in _TRANSIENT_STATUS
-
-
-def _first_line(message: str) -> str:
-  return (message.strip().strip('"\'').splitlines() or [''])[0][:1000]
-
-
-def _summary(message: str) -> str:
-  """tensorstore's long error chains cut to the status, the innermost file and what failed."""
-  message = _first_line(message.split(' [tensorstore_spec')[0] + '\n')
-  files = re.findall(r'file "([^"]+)"', message)
-  if not files:
-    return message
-  status = re.match(r'([A-Z_]+): ', message)
-  detail = message.rsplit(f'{files[-1]}"', 1)[1].lstrip(': ')
-  return f'{status.group(1) + ": " if status else ""}{files[-1]}: {detail}'[:300]
 
 
 def _finite_error(metrics: dict[str, float]) -> float:
@@ -122,10 +50,7 @@ def _finite_error(metrics: dict[str, float]) -> float:
 
 def _agree(outcome: int) -> int:
   """The outcome every host acts on: the worst any host saw (one shared decision)."""
-  if jax.process_count() == 1:
-    return outcome
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  agreed = int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+  agreed = hosts.worst(outcome)
   if agreed not in (_OK, _DAMAGED, _FAILED):
     raise RuntimeError(f'The hosts disagree on restoring a checkpoint (got {agreed}).')
   return agreed
@@ -138,7 +63,9 @@ class Checkpoints:
     self.directory = paths.workdir_path(workdir) / 'checkpoints'
     self._closed, self._failed = False, False
     self._saving: int | None = None  # the step of the save in flight, until checked
-    _set_aside_unreadable_metrics(self.directory)  # orbax's constructor would fail on them
+    if jax.process_index() == 0:  # orbax's constructor would fail on unreadable metrics
+      quarantine.set_aside_unreadable_metrics(self.directory)
+    hosts.sync('resnet_jax: unreadable metrics set aside')
     error = lambda metrics: _finite_error(metrics or {})
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=max(keep, 1)),
@@ -177,7 +104,7 @@ class Checkpoints:
     `metrics` are the eval metrics of this very state (None: not evaluated).
     """
     self.check_saves()
-    loop = {**loop, 'checksums': checksums(state)}
+    loop = {**loop, 'checksums': damage.checksums(state)}
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
@@ -209,13 +136,13 @@ class Checkpoints:
   def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
     self._failed = True
     previous = [s for s in self.steps() if step is None or s < step]
-    cause = next((e for e in _chain(error) if _status(e) or isinstance(e, OSError)), error)
+    cause = next((e for e in damage.chain(error) if damage.status(e) or isinstance(e, OSError)), error)
     full = (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or (
-        _status(cause) == 'RESOURCE_EXHAUSTED' and 'writing' in str(cause).lower())
+        damage.status(cause) == 'RESOURCE_EXHAUSTED' and 'writing' in str(cause).lower())
     return CheckpointError(
         f'Saving the checkpoint at step {step} in {self.directory} failed'
         f'{" (no space left on the disk?)" if full else ""}: {type(cause).__name__}: '
-        f'{_summary(str(cause))}. '
+        f'{damage.summary(str(cause))}. '
         + (f'The previous checkpoint (step {max(previous)}) is intact: ' if previous else '')
         + 'free space (or fix the storage) and rerun the same command to continue from it.')
 
@@ -230,7 +157,7 @@ class Checkpoints:
     except Exception as e:  # pylint: disable=broad-except
       if not self._failed:
         raise self._save_failed(self._saving, e) from e
-      logging.warning('Closing the checkpoint manager: %s', _first_line(str(e)))
+      logging.warning('Closing the checkpoint manager: %s', damage.first_line(str(e)))
 
   def set_metrics(self, step: int, metrics: dict[str, float]) -> None:
     """Adds eval metrics to a saved step (its evaluation ran after the save).
@@ -244,7 +171,7 @@ class Checkpoints:
       temporary = path.with_name(f'metrics.tmp-{uuid.uuid4().hex}')
       temporary.write_text(json.dumps(metrics))
       temporary.replace(path)
-    _sync('resnet_jax: metrics added')
+    hosts.sync('resnet_jax: metrics added')
     self.manager.reload()
 
   def steps(self) -> list[int]:
@@ -287,15 +214,15 @@ class Checkpoints:
     """
     step_dir = self.directory / str(step)
     try:
-      _check_readable(step_dir)
+      damage.check_readable(step_dir)
       self.reader.reload()
       saved = self.reader.item_metadata(step).get('state')
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
-      _raise_damaged(step_dir, e)
+      damage.raise_classified(step_dir, e)
       raise
     if saved is None:
-      raise DamagedCheckpointError(step_dir, 'its state item has no metadata')
-    problems = _differences(saved, abstract_state)
+      raise damage.DamagedCheckpointError(step_dir, 'its state item has no metadata')
+    problems = damage.differences(saved, abstract_state)
     if problems:
       raise CheckpointError(
           f'The checkpoint at step {step} in {self.directory} does not fit the configured '
@@ -306,10 +233,10 @@ class Checkpoints:
       restored = self.reader.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      _raise_damaged(step_dir, e)
+      damage.raise_classified(step_dir, e)
       raise
     loop = dict(restored['loop'] or {})
-    _verify(step_dir, restored['state'], loop.pop('checksums', None))
+    damage.verify(step_dir, restored['state'], loop.pop('checksums', None))
     return restored['state'], loop
 
   def restore_variables(self, step: int) -> tuple[Any, Any]:
@@ -321,10 +248,10 @@ class Checkpoints:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     step_dir = self.directory / str(step)
     try:
-      _check_readable(step_dir)
+      damage.check_readable(step_dir)
       saved = self.reader.item_metadata(step).get('state')
       if saved is None:
-        raise DamagedCheckpointError(step_dir, 'its state item has no metadata')
+        raise damage.DamagedCheckpointError(step_dir, 'its state item has no metadata')
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             saved)
       restored = self.reader.restore(step, args=ocp.args.Composite(
@@ -332,10 +259,10 @@ class Checkpoints:
     except CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      _raise_damaged(step_dir, e)
+      damage.raise_classified(step_dir, e)
       raise
     state = restored['state']
-    _verify(step_dir, state, dict(restored['loop'] or {}).get('checksums'))
+    damage.verify(step_dir, state, dict(restored['loop'] or {}).get('checksums'))
     return state['params'], state['batch_stats']
 
   def _restore_with_retries(self, step: int, abstract_state: Any):
@@ -343,20 +270,20 @@ class Checkpoints:
     for attempt in range(1, RESTORE_ATTEMPTS + 1):
       try:
         return _OK, self.restore(step, abstract_state)
-      except DamagedCheckpointError as e:
+      except damage.DamagedCheckpointError as e:
         return _DAMAGED, e
-      except CheckpointAccessError as e:
+      except damage.CheckpointAccessError as e:
         return _FAILED, e  # permissions or credentials: retrying will not help
       except CheckpointError:
         raise  # does not fit the model: the config is wrong, nothing is damaged
       except Exception as e:  # pylint: disable=broad-except
-        if not transient(e):
+        if not damage.transient(e):
           raise  # a bug, not the storage: its traceback matters
         if attempt == RESTORE_ATTEMPTS:
           return _FAILED, e
         logging.warning('Restoring the checkpoint at step %d failed (attempt %d of %d: %s: %s); '
                         'retrying.', step, attempt, RESTORE_ATTEMPTS, type(e).__name__,
-                        _first_line(str(e)))
+                        damage.first_line(str(e)))
         time.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
 
   def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
@@ -374,12 +301,12 @@ class Checkpoints:
       agreed = _agree(outcome)
       if agreed == _FAILED:
         error = result if outcome == _FAILED else RuntimeError('it failed on another host')
-        if isinstance(error, CheckpointAccessError):
+        if isinstance(error, damage.CheckpointAccessError):
           raise error
         how = f'after {RESTORE_ATTEMPTS} attempts'
         raise CheckpointError(
             f'Could not restore the checkpoint at step {step} in {self.directory}: {how} '
-            f'({type(error).__name__}: {_first_line(str(error))}). Nothing was moved or '
+            f'({type(error).__name__}: {damage.first_line(str(error))}). Nothing was moved or '
             'deleted: fix the cause (permissions, storage access, memory) and rerun the same '
             'command.') from (result if outcome == _FAILED else None)
       if agreed == _DAMAGED:
@@ -395,7 +322,7 @@ class Checkpoints:
                         'moved to %s.', step, damaged, self._damaged_dir)
       state, loop = result
       return step, state, loop
-    if damaged or (self._damaged_dir.exists() and any(self._damaged_dir.iterdir())):
+    if damaged or quarantine.earlier_damage(self.directory):
       earlier = '' if damaged else ' earlier'
       raise CheckpointError(
           f'No usable checkpoint in {self.directory}: every one was found damaged{earlier} and '
@@ -406,133 +333,12 @@ class Checkpoints:
 
   @property
   def _damaged_dir(self) -> epath.Path:
-    return self.directory.parent / 'damaged_checkpoints'
+    return quarantine.damaged_dir(self.directory)
 
   def move_aside(self, step: int, why: str) -> None:
     """Moves a checkpoint proven bad to WORKDIR/damaged_checkpoints/, with a note saying why."""
     self.wait()
     if jax.process_index() == 0:
-      self._damaged_dir.mkdir(parents=True, exist_ok=True)
-      target = self._damaged_dir / f'{step}-{int(time.time())}'
-      (self.directory / str(step)).rename(target)
-      (target / 'WHY_DAMAGED.txt').write_text(why + '\n')
-      logging.warning('Moved the checkpoint at step %d to %s: %s', step, target, why)
-    _sync('resnet_jax: damaged checkpoint moved')
+      quarantine.move_aside(self.directory, step, why)
+    hosts.sync('resnet_jax: damaged checkpoint moved')
     self.manager.reload()
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
-class DamagedCheckpointError(CheckpointError):
-  """A checkpoint whose files are missing or corrupt (truncated, deleted, unparsable)."""
-
-  def __init__(self, step_dir: epath.Path, why: str):
-    super().__init__(f'The checkpoint {step_dir} cannot be read ({why}); it is damaged or '
-                     'incomplete. Delete it to fall back to the previous checkpoint.')
-
-
-class CheckpointAccessError(CheckpointError):
-  """A checkpoint that this user or machine may not read: intact, never moved."""
-
-  def __init__(self, step_dir: epath.Path, error: BaseException):
-    if isinstance(error, OSError) and error.filename:
-      why = f'{error.strerror}: {error.filename}'
-    else:
-      why = f'{type(error).__name__}: {_first_line(str(error))}'
-    super().__init__(f'The checkpoint {step_dir} cannot be read: access was denied ({why}). '
-                     'Nothing was moved or deleted: fix its permissions (or credentials) and '
-                     'rerun the same command.')
-
-
-def _raise_damaged(step_dir: epath.Path, error: Exception) -> None:
-  """A restore's error as what it means: damaged content, or access denied."""
-  if access_denied(error):
-    raise CheckpointAccessError(step_dir, error) from error
-  why = content_damage(error)
-  if why is not None:
-    raise DamagedCheckpointError(step_dir, why) from error
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return '/'.join(parts)
-
-
-def _differences(saved: Any, abstract: Any) -> list[str]:
-  """Where the saved arrays and the expected ones differ in name or shape."""
-  shapes = lambda tree: {_path_name(p): tuple(x.shape) for p, x in
-                         jax.tree_util.tree_flatten_with_path(tree)[0]}
-  have, want = shapes(saved), shapes(abstract)
-  problems = [f'{k}: saved {have[k]}, expected {want[k]}'
-              for k in sorted(have.keys() & want.keys()) if have[k] != want[k]]
-  problems += [f'{k} is not in the checkpoint' for k in sorted(want.keys() - have.keys())]
-  problems += [f'{k} is not in the model' for k in sorted(have.keys() - want.keys())]
-  return problems
-
-
-def checksums(state: Any) -> dict[str, int]:
-  """CRC-32 of each array's bytes, saved with a checkpoint and checked when it is restored:
-  tensorstore reads some corrupt compressed data without an error, as other numbers. The
-  arrays are replicated, so every host computes the same sums from its own copy."""
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  return {_path_name(path): zlib.crc32(np.ascontiguousarray(
-      np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)).view(np.uint8))
-          for path, x in leaves}
-
-
-def _verify(step_dir: epath.Path, state: Any, saved: dict[str, int] | None) -> None:
-  """Restored arrays whose bytes differ from those saved make the checkpoint damaged
-  (checkpoints written before checksums were saved are not checked)."""
-  if saved is None:
-    return
-  wrong = sorted(name for name, crc in checksums(state).items() if saved.get(name) != crc)
-  if wrong:
-    raise DamagedCheckpointError(
-        step_dir, f'{len(wrong)} arrays differ from the checksums saved with them, e.g. '
-        f'{", ".join(wrong[:3])}')
-
-
-def _check_readable(step_dir: epath.Path) -> None:
-  """A local checkpoint file or folder that this user may not read raises PermissionError:
-  orbax reports an unreadable item as one without metadata, which would look like damage."""
-  if paths.is_remote(step_dir):
-    return  # GCS reports PERMISSION_DENIED itself
-
-  def fail(error: OSError) -> None:
-    raise error
-
-  for root, _, files in os.walk(step_dir, onerror=fail):
-    for path in [root] + [os.path.join(root, name) for name in files]:
-      if not os.access(path, os.R_OK | (os.X_OK if path == root else 0)):
-        raise PermissionError(errno.EACCES, 'Permission denied', path)
-
-
-def _set_aside_unreadable_metrics(directory: epath.Path) -> None:
-  """Renames each step's eval-metrics file that holds no JSON (a crash while it was written)
-  to metrics.unreadable-TIME: the step's state is intact and still restores, it only loses
-  its say in which step is the best. Files that cannot be read at all are left alone."""
-  if jax.process_index() == 0 and directory.exists():
-    for step_dir in directory.iterdir():
-      path = step_dir / 'metrics' / 'metrics'
-      if not step_dir.name.isdigit() or not path.exists():
-        continue
-      try:
-        json.loads(path.read_text())
-      except OSError as e:
-        raise CheckpointAccessError(step_dir, e) from e
-      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        target = path.with_name(f'metrics.unreadable-{int(time.time())}')
-        path.rename(target)
-        logging.warning('The eval metrics of %s are unreadable (%s): moved to %s; the step '
-                        'still restores, but is no longer a candidate for the best checkpoint.',
-                        step_dir, _first_line(str(e)) or 'empty', target)
-  _sync('resnet_jax: unreadable metrics set aside')

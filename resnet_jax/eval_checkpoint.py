@@ -5,9 +5,10 @@ from typing import Any
 
 import jax
 
+from resnet_jax import assembly
 from resnet_jax import checkpointing
+from resnet_jax import evaluation
 from resnet_jax import paths
-from resnet_jax import train
 from resnet_jax.data import eval_stream
 
 
@@ -15,17 +16,20 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dic
   """Restores `which` (latest, best or a step), evaluates the configured split and writes
   WORKDIR/eval_results.json. In a workdir without checkpoints, config.init_from's
   weights (torchvision's) are evaluated instead."""
-  run = train.setup(config)
+  run = assembly.setup(config)
   inp, strategy = run.inp, run.strategy
   ckpt = checkpointing.Checkpoints(workdir)
-  if not ckpt.steps() and config.init_from:
-    step, which = 0, config.init_from
-    state = train.initial_state(strategy, config, evaluating=True)
-  else:
-    step = ckpt.resolve(which)
-    state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
-    state = strategy.replicate(state)
-  metrics = train.evaluate(strategy, state, eval_stream.eval_batches(config.data, inp))
+  try:
+    if not ckpt.steps() and config.init_from:
+      step, which = 0, config.init_from
+      state = assembly.initial_state(strategy, config, evaluating=True)
+    else:
+      step = ckpt.resolve(which)
+      state, _ = ckpt.restore(step, strategy.abstract_state(jax.random.key(config.seed)))
+      state = strategy.replicate(state)
+  finally:
+    ckpt.close()
+  metrics = evaluation.evaluate(strategy, state, eval_stream.eval_batches(config.data, inp))
   result = {
       'step': step,
       'checkpoint': which,
@@ -39,5 +43,4 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dic
   }
   if jax.process_index() == 0:
     paths.write_json(paths.workdir_path(workdir) / 'eval_results.json', result)
-  ckpt.close()
   return result

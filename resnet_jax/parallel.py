@@ -72,14 +72,6 @@ def check_batch_sizes(config: Any, num_devices: int) -> None:
       raise errors.ConfigError(f'config.model.bn_group_size={group} does not divide the {where} of {batch}.')
 
 
-def any_host(flag: bool) -> bool:
-  """Whether `flag` is set on any host (every host must call this together)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-
-
 def check_parallel(config: Any, num_devices: int) -> None:
   del num_devices  # (both strategies run on any number)
   if config.parallel not in PARALLEL_MODES:

@@ -27,12 +27,12 @@ import numpy as np
 from etils import epath
 
 from resnet_jax import analysis
+from resnet_jax import assembly
 from resnet_jax import checkpointing
 from resnet_jax import config_lib
 from resnet_jax import errors
 from resnet_jax import paths
 from resnet_jax import sweep
-from resnet_jax import train
 from resnet_jax.data import eval_stream
 
 def members(sweep_dir: epath.Path) -> list[str]:
@@ -71,7 +71,7 @@ def plot_curves(sweep_dir: epath.Path, names: list[str], path: epath.Path) -> No
   plt.close(fig)
 
 
-def analyse_member(config: Any, run: train.Setup, workdir: Any,
+def analyse_member(config: Any, run: assembly.Setup, workdir: Any,
                    max_examples: int = 256) -> dict[str, dict[str, list[float]]]:
   """Per-layer responses and gradient norms (analysis.py) at initialisation and at the last
   checkpoint, on the first `max_examples` images of the eval split."""
@@ -157,7 +157,7 @@ def report(sweep_dir: str, default: Any, overrides: dict[str, Any]) -> dict[str,
   for name in names:
     member_dir = sweep_dir / name
     config = config_lib.load_saved_config(member_dir, default, overrides)
-    run = train.setup(config)
+    run = assembly.setup(config)
     steps_total = run.steps_total
     results = sweep.final_results(member_dir)
     status = sweep.member_status(member_dir)  # running: another process trains it now

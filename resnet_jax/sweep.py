@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 
 from resnet_jax import errors
-from resnet_jax import parallel
+from resnet_jax import hosts
 from resnet_jax import paths
 from resnet_jax import run_log
 from resnet_jax import workdir_lock
@@ -134,7 +134,7 @@ def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -
     member_dir = workdir / name
     status = member_status(member_dir)
     # Every host of this run decides alike (another job may be writing DONE meanwhile).
-    if parallel.any_host(status in ('finished', 'failed')):
+    if hosts.any_host(status in ('finished', 'failed')):
       logging.info('Sweep member %s: %s earlier; skipped%s.', name, status,
                    f' (delete {member_dir / FAILED} to retry it)' if status == 'failed' else '')
       continue

@@ -13,22 +13,21 @@ import dataclasses
 import json
 import math
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metrics as clu_metrics
 from etils import epath
 
-from resnet_jax.data import device_augment as augment_lib
-from resnet_jax import backend
+from resnet_jax import assembly
 from resnet_jax import checkpointing
 from resnet_jax import config_checks
 from resnet_jax import errors
-from resnet_jax import models
+from resnet_jax import evaluation
+from resnet_jax import hosts
 from resnet_jax import optim
 from resnet_jax import parallel
 from resnet_jax import paths
@@ -37,23 +36,7 @@ from resnet_jax import run_log
 from resnet_jax import workdir_lock
 from resnet_jax.data import eval_stream
 from resnet_jax.data import inputs as inputs_lib
-from resnet_jax.data import normalization
 from resnet_jax.data import train_stream
-
-
-def clu_metrics_from_sums(sums: dict[str, Any]) -> clu_metrics.Collection:
-  """clu metrics (averages, and the last learning rate) from the steps' sums and count."""
-  fields = {name: clu_metrics.Average(total=sums[name], count=sums['count'])
-            for name in ('loss', 'top1_error', 'top5_error')}
-  if 'learning_rate' in sums:
-    fields['learning_rate'] = clu_metrics.LastValue(value=sums['learning_rate'])
-  return clu_metrics.Collection.create_collection(**fields)
-
-
-def total_steps(config: Any, steps_per_epoch: int) -> int:
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
 def every(value: int, steps_per_epoch: int) -> int:
@@ -63,6 +46,10 @@ def every(value: int, steps_per_epoch: int) -> int:
 
 # Kept here for callers that catch train.Preempted.
 Preempted = preemption_lib.Preempted
+Setup = assembly.Setup
+setup = assembly.setup
+evaluate = evaluation.evaluate  # (the loop calls it through this name: tests replace it)
+clu_metrics_from_sums = evaluation.clu_metrics_from_sums
 
 
 def save_config(config: Any, workdir: epath.Path, cpu_kernels_used: str) -> None:
@@ -71,85 +58,6 @@ def save_config(config: Any, workdir: epath.Path, cpu_kernels_used: str) -> None
     saved = json.loads(config.to_json_best_effort())
     saved['cpu_kernels_used'] = cpu_kernels_used
     paths.write_json(workdir / 'config.json', saved)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What a run trains and evaluates with: data, the parallel strategy, the step count."""
-  inp: inputs_lib.Input
-  strategy: parallel.Parallel
-  steps_total: int
-  cpu_kernels_used: str
-  # The pipeline's uint8 images -> model inputs (the steps apply it; so may analyses).
-  augment: augment_lib.DeviceAugment
-
-
-def setup(config: Any) -> Setup:
-  """Data, model, optimizer, schedule and parallel strategy for a config.
-
-  The backend-dependent choices (backend.py) are made here, once, before
-  anything is traced.
-  """
-  config_checks.validate(config, jax.device_count())  # every value, before touching data
-  cpu_kernels = backend.choose_cpu_kernels(config.cpu_kernels)
-  run_options = {**backend.model_defaults(config.model), **cpu_kernels.model_options}
-  inp = inputs_lib.create_input(
-      config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-      host_rows=host_rows(config.batch_size), process_index=jax.process_index(),
-      process_count=jax.process_count())
-  logging.info('Host %d of %d trains on rows %s of each global batch of %s %s and evaluates '
-               'on its part %d of %d of %s.', jax.process_index(), jax.process_count(),
-               inp.host_rows, config.data.name, inp.splits.train, jax.process_index() + 1,
-               jax.process_count(), inp.splits.eval)
-  steps_total = total_steps(config, inp.steps_per_epoch)
-  schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)
-  tx = optim.create_optimizer(config)
-  input_shape = (config.data.image_size, config.data.image_size, 3)
-  augment = normalization.device_augment(config.data, inp.builder, inp.splits.train,
-                                         inputs_lib.derive_seed(config.seed, 'augment'))
-  strategy = parallel.create(
-      config,
-      lambda axis: models.create_model_from_config(config.model, inp.num_classes,
-                                                   bn_axis_name=axis, **run_options),
-      tx, schedule, input_shape, augment=augment)
-  return Setup(inp, strategy, steps_total, cpu_kernels.description, augment)
-
-
-def host_rows(batch_size: int) -> tuple[int, int]:
-  """The rows of each global batch that this host's devices hold: the batch is split over
-  all devices in jax.devices() order (parallel.py), so a host's rows are contiguous."""
-  devices = jax.devices()
-  mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
-  if mine != list(range(mine[0], mine[-1] + 1)):
-    raise errors.ConfigError(f'Host {jax.process_index()} holds devices {mine} of '
-                             f'{len(devices)}, not a contiguous range: unsupported layout.')
-  per_device = batch_size // len(devices)
-  return mine[0] * per_device, (mine[-1] + 1) * per_device
-
-
-def evaluate(strategy: parallel.Parallel, state: Any, batches: Iterable[dict[str, Any]],
-             stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-  """Loss and errors over every example of an eval split (`eval_stream.eval_batches`),
-  each counted once.
-
-  `stop` is asked before each batch (a preemption); when it says yes the
-  evaluation ends early and returns None, with at most two batches left to
-  finish on the devices.
-  """
-  sums, in_flight = None, collections.deque()
-  for batch in batches:
-    if stop():
-      return None
-    m = strategy.eval_step(state, strategy.put_batch(batch))
-    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    # At most two batches queued on the devices: a stop never waits for the whole split.
-    in_flight.append(sums)
-    if len(in_flight) > 2:
-      jax.block_until_ready(in_flight.popleft())
-  host = strategy.metrics_to_host(sums)
-  out = {f'eval_{k}': float(v) for k, v in clu_metrics_from_sums(host).compute().items()}
-  out['eval_num_examples'] = host['count']
-  return out
 
 
 def _prefetch(iterator: Iterator, put, size: int) -> Iterator:
@@ -168,61 +76,10 @@ def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints
   rng = jax.random.key(config.seed)
   restored = ckpt.restore_latest_good(strategy.abstract_state(rng))
   if restored is None:
-    return initial_state(strategy, config), 0, {}
+    return assembly.initial_state(strategy, config), 0, {}
   step, state, loop = restored
   logging.info('Resuming from the checkpoint at step %d.', step)
   return strategy.replicate(state), step, loop
-
-
-def initial_state(strategy: parallel.Parallel, config: Any, evaluating: bool = False) -> Any:
-  """The placed initial state: from config.seed, with config.init_from's weights if set.
-
-  A classifier for another number of classes is replaced by a fresh one to train
-  from; evaluating it would score a random classifier, so that is an error.
-  """
-  state = strategy.init_state(jax.random.key(config.seed))
-  if not config.init_from:
-    return state
-  from resnet_jax import torchvision_weights  # pylint: disable=g-import-not-at-top
-  params, batch_stats = torchvision_weights.load(config.init_from, config.model)
-  fresh = strategy.to_host(state)
-  head = (params['head']['kernel'].shape, fresh.params['head']['kernel'].shape)
-  if head[0] != head[1]:
-    if evaluating:
-      raise torchvision_weights.WeightsError(
-          f'{config.init_from}: its classifier has {head[0][-1]} classes and '
-          f'{config.data.name} {head[1][-1]}: evaluating it would score a random classifier. '
-          'Train from these weights first (--mode=train with config.init_from), or evaluate '
-          f'on a data set with {head[0][-1]} classes.')
-    logging.info('%s: its classifier %s does not fit %s classes: replaced by a fresh one.',
-                 config.init_from, head[0], head[1][-1])
-    params = {**params, 'head': fresh.params['head']}
-  _check_shapes(config.init_from, config.model.name,
-                {'params': params, 'batch_stats': batch_stats},
-                {'params': fresh.params, 'batch_stats': fresh.batch_stats})
-  if config.data.normalize != 'imagenet_mean_std':
-    logging.warning('%s: torchvision trained these weights on inputs normalised with '
-                    "ImageNet's mean and std; this run normalises with %s (set "
-                    'config.data.normalize=imagenet_mean_std to match them).', config.init_from,
-                    config.data.normalize)
-  logging.info('Starting from the weights in %s.', config.init_from)
-  # The optimizer's state (momentum) starts at zero, as for any new run.
-  return strategy.replicate(fresh.replace(params=params, batch_stats=batch_stats))
-
-
-def _check_shapes(source: str, net: str, loaded: Any, expected: Any) -> None:
-  """Loaded weights must have the configured net's variables and shapes (for example
-  VGG-19's first dense layer depends on data.image_size)."""
-  shapes = lambda tree: {jax.tree_util.keystr(path): np.shape(leaf)
-                         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  got, want = shapes(loaded), shapes(expected)
-  wrong = [f'{key}: {got.get(key)} instead of {shape}' for key, shape in want.items()
-           if got.get(key) != shape] + [f'{key}: not in this net' for key in got if key not in want]
-  if wrong:
-    from resnet_jax import torchvision_weights  # pylint: disable=g-import-not-at-top
-    raise torchvision_weights.WeightsError(
-        f'{source} does not fit the configured {net} (model and data settings): '
-        + '; '.join(wrong[:5]) + (f' (and {len(wrong) - 5} more)' if len(wrong) > 5 else ''))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -264,7 +121,7 @@ def _claim(workdir: epath.Path) -> Iterator[None]:
                                             enabled=jax.process_index() == 0))
     except errors.UserError as e:
       error = e
-    if parallel.any_host(error is not None):
+    if hosts.any_host(error is not None):
       raise error or errors.WorkdirInUseError(
           f'{workdir}: process 0 could not claim it for this run (see its message).')
     yield
@@ -302,6 +159,15 @@ def _record_config_changes(workdir: epath.Path, record: dict[str, Any] | None) -
     paths.append_line(workdir / 'config_changes.jsonl', json.dumps(record))
 
 
+@dataclasses.dataclass(frozen=True)
+class Turn:
+  """What one pass of the training loop does at its step besides training it: evaluate
+  there, or only evaluate (`resumed`: the restored step, whose evaluation SIGTERM stopped
+  before the restart, after its checkpoint was saved)."""
+  evaluate: bool
+  resumed: bool = False
+
+
 def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Checkpoints,
            writer: run_log.LoggingWriter, state: Any, step: int, loop: dict[str, Any],
            pending_eval: bool) -> dict[str, float]:
@@ -330,12 +196,12 @@ def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Che
                                               start_step=step, num_steps=steps_total - step)
   batches = _prefetch(train_batches, strategy.put_batch, config.data.prefetch)
   clock = run_log.TrainClock(step)
+  # SIGTERM stopped the evaluation of the restored step: the first turn only evaluates it.
+  turn = Turn(evaluate=True, resumed=True) if pending_eval else None
   preempted = False
   with preemption_lib.Preemption() as preemption:  # until the last save has finished
-    while step < steps_total or pending_eval:
-      if pending_eval:
-        evaluated, resumed_eval, pending_eval = True, True, False
-      else:
+    while turn is not None or step < steps_total:
+      if turn is None:  # train a step
         state, metrics = strategy.train_step(state, next(batches))
         window = metrics if window is None else _accumulate(window, metrics)
         step += 1
@@ -350,9 +216,9 @@ def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Che
               step, config.batch_size)})
           state = _update_schedule(strategy, state, optim.after_train_log, config,
                                    train['train_top1_error'])
-        evaluated, resumed_eval = step % eval_every == 0 or step == steps_total, False
+        turn = Turn(evaluate=step % eval_every == 0 or step == steps_total)
 
-      if evaluated:
+      if turn.evaluate:
         with clock.paused(state):
           step_metrics = evaluate(strategy, state, eval_stream.eval_batches(config.data, inp),
                                   stop=preemption.reached)
@@ -361,12 +227,12 @@ def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Che
                                              preemption)
         if step_metrics is None:  # SIGTERM: save now, evaluate this state after the restart
           logging.warning('SIGTERM during the evaluation at step %d: stopped it to save.', step)
-          if not resumed_eval:  # (a resumed one's checkpoint is saved already)
+          if not turn.resumed:  # (a resumed one's checkpoint is saved already)
             with clock.paused(state):
               _save(ckpt, strategy, step, state, window, pending_eval=True)
           preempted = True
           break
-        if resumed_eval and not math.isfinite(step_metrics['eval_loss']):
+        if turn.resumed and not math.isfinite(step_metrics['eval_loss']):
           # The saved state itself is diverged: restarting would evaluate it again.
           ckpt.move_aside(step, f'diverged: its evaluation (pending when SIGTERM stopped it) '
                                 f'gave the loss {step_metrics["eval_loss"]}')
@@ -377,13 +243,15 @@ def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Che
                                  eval_metrics['eval_top1_error'])
 
       preempted = preemption.reached()
-      if resumed_eval:
+      if turn.resumed:
         # This step's checkpoint exists (it was saved before its evaluation);
         # its eval metrics are added so that it can be chosen as the best.
         ckpt.set_metrics(step, eval_metrics)
       elif step % ckpt_every == 0 or step == steps_total or preempted:
         with clock.paused(state):
-          _save(ckpt, strategy, step, state, window, metrics=eval_metrics if evaluated else None)
+          _save(ckpt, strategy, step, state, window,
+                metrics=eval_metrics if turn.evaluate else None)
+      turn = None
       if preempted:
         break
     train_batches.close()  # grain's workers stop and free their buffers now

@@ -16,7 +16,7 @@ sys.path.insert(0, REPO)  # for `configs`
 
 import pytest  # noqa: E402
 
-from tests import gcs_emulator  # noqa: E402  (before TensorFlow is imported: see its docstring)
+from tests.support import gcs_emulator  # noqa: E402  (before TensorFlow is imported: see its docstring)
 
 # Small training runs through run.py that the checkpoint tests share.
 TRAIN = ['--config.batch_size=16', '--config.eval_batch_size=64', '--config.log_every_steps=4',
@@ -27,7 +27,7 @@ TRAIN = ['--config.batch_size=16', '--config.eval_batch_size=64', '--config.log_
 def digits_dir(tmp_path_factory):
   """A tfds data_dir with sklearn_digits prepared (about a second)."""
   from resnet_jax.data import builders
-  from tests import helpers
+  from tests.support import helpers
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   builders.get_builder(helpers.small_config(**{'data.data_dir': data_dir}).data)
   return data_dir
@@ -46,7 +46,7 @@ def photos_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def straight(tmp_path_factory, digits_dir):
   """24 steps without interruption: what every interrupted run must reproduce exactly."""
-  from tests import helpers
+  from tests.support import helpers
   workdir = tmp_path_factory.mktemp('straight')
   helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
                  '--config.num_train_steps=24', *TRAIN)
@@ -55,7 +55,7 @@ def straight(tmp_path_factory, digits_dir):
 
 @pytest.fixture(scope='session')
 def gcs():
-  """A GCS emulator on 127.0.0.1 with the bucket gs://bucket (tests/gcs_emulator.py)."""
+  """A GCS emulator on 127.0.0.1 with the bucket gs://bucket (tests/support/gcs_emulator.py)."""
   reason = gcs_emulator.available()
   if reason:
     pytest.skip(f'no GCS emulator here: {reason}')

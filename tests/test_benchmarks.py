@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import helpers
+from tests.support import helpers
 
 BLOCK = ('import sys\n'
          'class Block:\n'

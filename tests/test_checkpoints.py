@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests import helpers
+from tests.support import helpers
 
 from tests.conftest import TRAIN
 RESULT_KEYS = ('train_', 'eval_', 'learning_rate')

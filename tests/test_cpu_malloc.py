@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from resnet_jax.cpu import malloc
-from tests import helpers
+from tests.support import helpers
 
 pytestmark = pytest.mark.cpu_kernels
 

@@ -15,7 +15,7 @@ from resnet_jax.data import convert
 from resnet_jax.data import image_ops
 from resnet_jax.data import normalization
 from resnet_jax.data import sources
-from tests import helpers
+from tests.support import helpers
 
 
 def test_data_sets_are_prepared_as_array_record(digits_dir):

@@ -13,7 +13,7 @@ from resnet_jax.data import inputs
 from resnet_jax.data import normalization
 from resnet_jax.data import sources
 from resnet_jax.data import train_stream
-from tests import helpers
+from tests.support import helpers
 
 
 def _input(config, host=0, hosts=1):

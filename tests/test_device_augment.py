@@ -9,7 +9,7 @@ import pytest
 from resnet_jax import models, optim, parallel, steps
 from resnet_jax.data import device_augment as augment
 from resnet_jax.data import image_ops
-from tests import helpers
+from tests.support import helpers
 
 # AlexNet's PCA of ImageNet RGB on the [0, 1] scale, as fb.resnet.torch publishes it: the
 # reference's own copy, so that a changed constant in the module shows.

@@ -17,7 +17,7 @@ from resnet_jax import export
 from resnet_jax import models
 from resnet_jax import train
 from resnet_jax.data import eval_stream
-from tests import helpers
+from tests.support import helpers
 
 # The process that loads an export cannot import these: the file must carry the network,
 # its weights and the normalisation (the per-pixel mean lives in the tfds data_dir).

@@ -25,7 +25,7 @@ import pytest
 from configs import default
 from resnet_jax import config_lib
 from resnet_jax import errors
-from tests import helpers
+from tests.support import helpers
 from tests.conftest import TRAIN
 from tests.test_checkpoints import _start, _wait_for, assert_same_state, results, saved_state
 

@@ -12,7 +12,7 @@ import signal
 import pytest
 from etils import epath
 
-from tests import helpers
+from tests.support import helpers
 from tests.conftest import TRAIN
 from tests.test_checkpoints import _start, _wait_for, assert_same_state, results, saved_state
 from tests.test_sweep import SWEEP

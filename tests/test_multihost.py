@@ -11,7 +11,7 @@ import time
 import numpy as np
 import jax
 
-from tests import helpers
+from tests.support import helpers
 from tests.test_checkpoints import SLOW_EVAL, assert_same_state, results, saved_state
 
 # BN statistics per device (groups of 2), a small learning rate and few steps: the

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests import helpers
+from tests.support import helpers
 
 FEW_STEPS = ['--config.num_train_steps=4', '--config.batch_size=16', '--config.eval_batch_size=24',
              '--config.log_every_steps=2', '--config.eval_every_steps=2',
@@ -92,7 +92,7 @@ def test_training_evaluation_and_export_never_import_tensorflow(tmp_path, digits
 import sys
 from configs import default
 from resnet_jax import config_lib, eval_checkpoint, export, train
-from tests import helpers
+from tests.support import helpers
 config = helpers.small_config(**{{'data.data_dir': {digits_dir!r}, 'num_train_steps': 4}})
 train.train_and_evaluate(config, {str(tmp_path)!r})
 config.num_train_steps = 6

@@ -10,7 +10,7 @@ import pytest
 from resnet_jax import models
 from resnet_jax import optim
 from resnet_jax import sweep
-from tests import helpers
+from tests.support import helpers
 
 SWEEP = '''
 from configs import default

@@ -499,7 +499,7 @@ def test_same_keys_other_widths(count_conversions):
 def test_torchvision_weights_start_a_run_and_evaluate(tmp_path, digits_dir):
   """config.init_from: a new run starts from the converted weights; --mode=eval in a workdir
   without checkpoints evaluates them."""
-  from tests import helpers  # pylint: disable=import-outside-toplevel
+  from tests.support import helpers  # pylint: disable=import-outside-toplevel
   weights = tmp_path / 'resnet18.npz'
   state_dict = fixture.random_torchvision_state_dict('resnet18', 10, seed=5)
   np.savez(weights, **state_dict)
@@ -526,7 +526,7 @@ def test_torchvision_weights_start_a_run_and_evaluate(tmp_path, digits_dir):
 def test_evaluating_weights_with_another_classifier_is_refused(tmp_path, digits_dir):
   """A 1000-class classifier on a 10-class data set: training replaces it by a fresh one;
   evaluating would score a random classifier, so --mode=eval stops and says why."""
-  from tests import helpers  # pylint: disable=import-outside-toplevel
+  from tests.support import helpers  # pylint: disable=import-outside-toplevel
   weights = tmp_path / 'resnet18.npz'
   np.savez(weights, **fixture.random_torchvision_state_dict('resnet18', 1000, seed=5))
   result = helpers.run_py('--mode=eval', f'--workdir={tmp_path / "eval"}',
@@ -540,14 +540,14 @@ def test_evaluating_weights_with_another_classifier_is_refused(tmp_path, digits_
 
 def test_weights_that_do_not_fit_the_configured_net_name_the_variables():
   """E.g. VGG-19's first dense layer, whose shape follows data.image_size."""
-  from resnet_jax import train  # pylint: disable=import-outside-toplevel
+  from resnet_jax import assembly  # pylint: disable=import-outside-toplevel
   expected = {'params': {'fc1': {'kernel': np.zeros((512, 4096))}, 'head': {'bias': np.zeros(3)}}}
   loaded = {'params': {'fc1': {'kernel': np.zeros((25088, 4096))}, 'head': {'bias': np.zeros(3)},
                        'extra': np.zeros(1)}}
   with pytest.raises(tw.WeightsError) as raised:
-    train._check_shapes('vgg.npz', 'vgg19', loaded, expected)  # pylint: disable=protected-access
+    assembly.check_shapes('vgg.npz', 'vgg19', loaded, expected)
   message = str(raised.value)
   assert "vgg.npz does not fit the configured vgg19" in message
   assert "['params']['fc1']['kernel']: (25088, 4096) instead of (512, 4096)" in message
   assert "['params']['extra']: not in this net" in message
-  train._check_shapes('vgg.npz', 'vgg19', expected, expected)  # pylint: disable=protected-access
+  assembly.check_shapes('vgg.npz', 'vgg19', expected, expected)

@@ -20,7 +20,7 @@ from resnet_jax import parallel
 from resnet_jax import run_log
 from resnet_jax import steps
 from resnet_jax import train
-from tests import helpers
+from tests.support import helpers
 
 SHAPE = (16, 16, 3)
 

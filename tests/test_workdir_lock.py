@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 
 from resnet_jax import errors, workdir_lock
-from tests import helpers
+from tests.support import helpers
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from etils import epath
 from configs import default
 from resnet_jax import config_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def small_config(**overrides):
