@@ -190,8 +190,14 @@ def _train_or_sweep(mode: str, config: ml_collections.ConfigDict, workdir: str,
   rows = sweep.run_sweep(config, config_path, workdir)
   if sweep.jax.process_index() == 0:
     print(sweep.summary_path(workdir, 'md').read_text())
-  if any(r['status'] != 'finished' for r in rows):
-    raise SystemExit('error: some sweep members failed; see the log above.')
+  if any(r['status'] == 'failed' for r in rows):
+    raise SystemExit('error: some sweep members failed; see the log above (and their FAILED '
+                     'files; delete one to retry that member).')
+  elsewhere = [r['member'] for r in rows if r['status'] != 'finished']
+  if elsewhere:
+    absl_logging.warning('Members %s are being trained by another process (or were stopped '
+                         'there); its summary, or a rerun of this command, completes it.',
+                         ', '.join(elsewhere))
 
 
 def _describe_classes(config: ml_collections.ConfigDict) -> int:

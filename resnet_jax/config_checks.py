@@ -27,7 +27,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'eval_every_steps': (lambda v: v >= 0, '0 (once per epoch) or more'),
     'checkpoint_every_steps': (lambda v: v >= 0, '0 (once per epoch) or more'),
     'keep_checkpoints': (lambda v: v >= 1, 'at least 1'),
-    'optimizer.learning_rate': (lambda v: v > 0, 'positive'),
+    'optimizer.learning_rate': (lambda v: v >= 0, '0 or more'),
     'optimizer.momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'optimizer.weight_decay': (lambda v: v >= 0, '0 or more'),
     'optimizer.base_batch_size': (lambda v: v >= 0, '0 (no scaling) or more'),

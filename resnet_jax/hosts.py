@@ -6,8 +6,16 @@ meanwhile): the others would wait at the next collective forever.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import jax
 import numpy as np
+from etils import epath
+
+from resnet_jax import errors
+from resnet_jax import paths
+from resnet_jax import workdir_lock
 
 
 def any_host(flag: bool) -> bool:
@@ -31,3 +39,22 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def claim(directory: epath.Path, name: str = workdir_lock.LOCK_NAME,
+          purpose: str = 'train') -> Iterator[None]:
+  """`directory`, created if need be, locked (lock file `name`) for the `with` block by
+  process 0; if it could not be, every host raises WorkdirInUseError together."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    try:
+      paths.make_workdir(directory)
+      stack.enter_context(workdir_lock.hold(directory, name, purpose=purpose,
+                                            enabled=jax.process_index() == 0))
+    except errors.UserError as e:
+      error = e
+    if any_host(error is not None):
+      raise error or errors.WorkdirInUseError(
+          f'{directory}: process 0 could not claim it (see its message).')
+    yield

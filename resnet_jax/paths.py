@@ -39,7 +39,7 @@ def make_workdir(path: epath.Path) -> None:
   """Creates the workdir; one that is a file or may not be written is a clear error."""
   try:
     path.mkdir(parents=True, exist_ok=True)
-    if not path.is_dir():
+    if not is_remote(path) and not path.is_dir():  # (gs:// has no directories to check)
       raise FileExistsError(path)
   except (FileExistsError, NotADirectoryError):
     raise errors.ConfigError(f'--workdir={path} is a file (or lies under one), not a '

@@ -99,8 +99,15 @@ def final_results(workdir: str | epath.Path) -> dict[str, Any]:
   }
 
 
-# Markers in a member's directory: it finished, or failed (the last line of its error).
-DONE, FAILED = 'DONE', 'FAILED'
+# Markers in a member's directory: it finished, or failed (the last line of its error); and
+# the lock a process holds while it checks them, trains the member and writes them.
+DONE, FAILED, CLAIM = 'DONE', 'FAILED', 'CLAIM'
+
+
+def _log_skipped(name: str, member_dir: epath.Path) -> None:
+  status = member_status(member_dir)
+  logging.info('Sweep member %s: %s earlier; skipped%s.', name, status,
+               f' (delete {member_dir / FAILED} to retry it)' if status == 'failed' else '')
 
 
 def member_status(member_dir: epath.Path) -> str:
@@ -109,7 +116,7 @@ def member_status(member_dir: epath.Path) -> str:
     return 'finished'
   if (member_dir / FAILED).exists():
     return 'failed'
-  if member_dir.is_dir() and workdir_lock.live_holder(member_dir) is not None:
+  if member_dir.is_dir() and workdir_lock.live_holder(member_dir, CLAIM) is not None:
     return 'running'
   return 'unfinished' if (member_dir / 'metrics.jsonl').exists() else 'pending'
 
@@ -118,11 +125,12 @@ def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -
   """Trains every member not finished, failed or being trained elsewhere, and writes the
   summary of all of them.
 
-  Several processes or machines may run the same sweep command on one directory: each
-  member's training holds its workdir's lock, so a member is trained by one of them, and
-  the others move on (a member trained elsewhere shows as running in their summaries;
-  the last process to finish writes the complete one). A failed member is not retried
-  until its FAILED file is deleted.
+  Several processes or machines may run the same sweep command on one directory: a
+  process claims a member (its CLAIM lock) to check its DONE and FAILED markers, train it
+  and mark it, so each member is trained by one of them and the others move on (a member
+  trained elsewhere shows as running in their summaries; the last process to finish
+  writes the complete one). A failed member is not retried until its FAILED file is
+  deleted.
   """
   from resnet_jax import train  # pylint: disable=g-import-not-at-top
   workdir = paths.workdir_path(workdir)
@@ -132,26 +140,29 @@ def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -
   primary = jax.process_index() == 0
   for name, overrides in members.items():
     member_dir = workdir / name
-    status = member_status(member_dir)
     # Every host of this run decides alike (another job may be writing DONE meanwhile).
-    if hosts.any_host(status in ('finished', 'failed')):
-      logging.info('Sweep member %s: %s earlier; skipped%s.', name, status,
-                   f' (delete {member_dir / FAILED} to retry it)' if status == 'failed' else '')
+    if hosts.any_host(member_status(member_dir) in ('finished', 'failed')):
+      _log_skipped(name, member_dir)
       continue
     try:
-      logging.info('Sweep member %s: %s', name, overrides)
-      train.train_and_evaluate(configs[name], str(member_dir))
-      if primary:
-        (member_dir / DONE).write_text('')
-    except train.Preempted:
-      raise  # the whole sweep stops; rerunning it resumes this member
+      with hosts.claim(member_dir, CLAIM, purpose='sweep member'):
+        if hosts.any_host(member_status(member_dir) in ('finished', 'failed')):
+          _log_skipped(name, member_dir)  # (done by another process meanwhile)
+          continue
+        logging.info('Sweep member %s: %s', name, overrides)
+        try:
+          train.train_and_evaluate(configs[name], str(member_dir))
+          if primary:
+            (member_dir / DONE).write_text('')
+        except (train.Preempted, errors.WorkdirInUseError):
+          raise  # SIGTERM stops the whole sweep (a rerun resumes this member); in use: below
+        except Exception as e:  # pylint: disable=broad-except  (one failure must not stop it)
+          logging.error('Sweep member %s failed:\n%s', name, traceback.format_exc())
+          if primary:
+            (member_dir / FAILED).write_text(f'{type(e).__name__}: {e}'.splitlines()[0] + '\n')
     except errors.WorkdirInUseError as e:  # another process trains it
       logging.info('Sweep member %s: %s', name, e)
       continue
-    except Exception as e:  # pylint: disable=broad-except  (one failure must not stop the sweep)
-      logging.error('Sweep member %s failed:\n%s', name, traceback.format_exc())
-      if primary:
-        (member_dir / FAILED).write_text(f'{type(e).__name__}: {e}'.splitlines()[0] + '\n')
     finally:
       if primary:
         write_summary(workdir, summary_rows(workdir, configs))

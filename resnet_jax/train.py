@@ -8,7 +8,6 @@ and maintenance) finishes the current step, saves and returns.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +32,6 @@ from resnet_jax import parallel
 from resnet_jax import paths
 from resnet_jax import preemption as preemption_lib
 from resnet_jax import run_log
-from resnet_jax import workdir_lock
 from resnet_jax.data import eval_stream
 from resnet_jax.data import inputs as inputs_lib
 from resnet_jax.data import train_stream
@@ -89,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = paths.workdir_path(workdir)
   run = setup(config)  # every config value and the data, before the workdir is touched
-  with _claim(workdir):
+  with hosts.claim(workdir):  # a second run on it stops at once, naming this one
     ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
       changes = _check_resume_config(config, workdir, ckpt)
@@ -107,24 +105,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
     finally:
       ckpt.close()
-
-
-@contextlib.contextmanager
-def _claim(workdir: epath.Path) -> Iterator[None]:
-  """The workdir, created if need be and locked for this run: a second run on it stops at
-  once, naming this one (process 0 holds the lock; every host learns whether it got it)."""
-  with contextlib.ExitStack() as stack:
-    error = None
-    try:
-      paths.make_workdir(workdir)
-      stack.enter_context(workdir_lock.hold(workdir, purpose='train',
-                                            enabled=jax.process_index() == 0))
-    except errors.UserError as e:
-      error = e
-    if hosts.any_host(error is not None):
-      raise error or errors.WorkdirInUseError(
-          f'{workdir}: process 0 could not claim it for this run (see its message).')
-    yield
 
 
 def _check_resume_config(config: Any, workdir: epath.Path,

@@ -166,7 +166,7 @@ THREE_MEMBERS = SWEEP.replace("'resnet20'}]", "'resnet20'}, {'model.name': 'resn
 
 @pytest.mark.parametrize('where', ['local', 'gs'])
 def test_two_processes_share_one_sweep_each_member_trained_once(where, request, tmp_path,
-                                                                digits_dir):
+                                                                digits_dir, monkeypatch):
   """The same sweep command started twice at once: the members are claimed through their
   workdirs' locks, each is trained by exactly one process, and both summaries end complete
   (the last to finish writes after every member is done)."""
@@ -176,6 +176,8 @@ def test_two_processes_share_one_sweep_each_member_trained_once(where, request, 
   env = {}
   if where == 'gs':
     env = request.getfixturevalue('gcs').env
+    for key, value in env.items():  # this process reads the results back from the bucket
+      monkeypatch.setenv(key, value)
     workdir = 'gs://bucket/shared_sweep'
   else:
     workdir = str(tmp_path / 'sweep')
