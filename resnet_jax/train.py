@@ -100,11 +100,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       try:
         _record_config_changes(workdir, changes)
         save_config(config, workdir, run.cpu_kernels_used)
-        return _train(config, workdir, run, ckpt, writer, state, step, loop, pending_eval)
-      finally:
-        writer.close()
-    finally:
-      ckpt.close()
+        result = _train(config, workdir, run, ckpt, writer, state, step, loop, pending_eval)
+      except BaseException:
+        _close_after_error(writer.close, 'the metric writers')
+        raise
+      writer.close()
+    except BaseException:
+      _close_after_error(ckpt.close, 'the checkpoint manager')
+      raise
+    ckpt.close()
+    return result
+
+
+def _close_after_error(close: Any, what: str) -> None:
+  """Closes after a failure without hiding it: a second error on closing (the same full
+  disk, say) is logged in one line, and the first one is what the user sees."""
+  try:
+    close()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Closing %s after the error below also failed: %s: %s', what,
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else '')
 
 
 def _check_resume_config(config: Any, workdir: epath.Path,
