@@ -209,9 +209,32 @@ class Checkpoints:
     """The state at `step`, laid out like `abstract_state` (shapes and shardings).
 
     Raises DamagedCheckpointError if its content is missing or corrupt,
-    CheckpointError if it does not fit the model, and the original error for
-    anything else.
+    CheckpointAccessError if it may not be read, CheckpointError if it does
+    not fit the model, and the original error for anything else.
     """
+    problems = damage.differences(self._saved_layout(step), abstract_state)
+    if problems:
+      raise CheckpointError(
+          f'The checkpoint at step {step} in {self.directory} does not fit the configured '
+          f'model and optimizer ({len(problems)} differences, e.g. {"; ".join(problems[:4])}).\n'
+          'Restore it with the config it was trained with (--mode=eval uses WORKDIR/config.json '
+          'unless --config is given), or train in a new workdir.')
+    return self._read(step, abstract_state)
+
+  def restore_variables(self, step: int) -> tuple[Any, Any]:
+    """(params, batch_stats) at `step` on this process's first device, as saved.
+
+    Needs no model or config: the layout comes from the checkpoint itself
+    (for export and inspection).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          self._saved_layout(step))
+    state, _ = self._read(step, target)
+    return state['params'], state['batch_stats']
+
+  def _saved_layout(self, step: int) -> Any:
+    """The saved state's array metadata (shapes, dtypes), once its files may be read."""
     step_dir = self.directory / str(step)
     try:
       damage.check_readable(step_dir)
@@ -222,48 +245,21 @@ class Checkpoints:
       raise
     if saved is None:
       raise damage.DamagedCheckpointError(step_dir, 'its state item has no metadata')
-    problems = damage.differences(saved, abstract_state)
-    if problems:
-      raise CheckpointError(
-          f'The checkpoint at step {step} in {self.directory} does not fit the configured '
-          f'model and optimizer ({len(problems)} differences, e.g. {"; ".join(problems[:4])}).\n'
-          'Restore it with the config it was trained with (--mode=eval uses WORKDIR/config.json '
-          'unless --config is given), or train in a new workdir.')
+    return saved
+
+  def _read(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """The state restored into `target`'s layout, checked against the checksums saved with
+    it, and the loop record."""
+    step_dir = self.directory / str(step)
     try:
       restored = self.reader.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       damage.raise_classified(step_dir, e)
       raise
     loop = dict(restored['loop'] or {})
     damage.verify(step_dir, restored['state'], loop.pop('checksums', None))
     return restored['state'], loop
-
-  def restore_variables(self, step: int) -> tuple[Any, Any]:
-    """(params, batch_stats) at `step` on this process's first device, as saved.
-
-    Needs no model or config: the layout comes from the checkpoint itself
-    (for export and inspection).
-    """
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    step_dir = self.directory / str(step)
-    try:
-      damage.check_readable(step_dir)
-      saved = self.reader.item_metadata(step).get('state')
-      if saved is None:
-        raise damage.DamagedCheckpointError(step_dir, 'its state item has no metadata')
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            saved)
-      restored = self.reader.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()))
-    except CheckpointError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      damage.raise_classified(step_dir, e)
-      raise
-    state = restored['state']
-    damage.verify(step_dir, state, dict(restored['loop'] or {}).get('checksums'))
-    return state['params'], state['batch_stats']
 
   def _restore_with_retries(self, step: int, abstract_state: Any):
     """(outcome, restored or the error): retries errors that are not content damage."""

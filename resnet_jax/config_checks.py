@@ -19,33 +19,42 @@ from resnet_jax import parallel
 from resnet_jax.data import host_preprocess
 from resnet_jax.data import normalization
 
-# field -> (test, what it must be)
+# What a value must be: (test, the words for it).
+_AT_LEAST_1 = (lambda v: v >= 1, 'at least 1')
+_POSITIVE = (lambda v: v > 0, 'positive')
+_UNIT = (lambda v: 0 <= v < 1, 'in [0, 1)')
+
+
+def _non_negative(zero_means: str = '') -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v >= 0, f'0{f" ({zero_means})" if zero_means else ""} or more')
+
+
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    'batch_size': (lambda v: v >= 1, 'at least 1'),
-    'eval_batch_size': (lambda v: v >= 1, 'at least 1'),
-    'log_every_steps': (lambda v: v >= 1, 'at least 1'),
-    'eval_every_steps': (lambda v: v >= 0, '0 (once per epoch) or more'),
-    'checkpoint_every_steps': (lambda v: v >= 0, '0 (once per epoch) or more'),
-    'keep_checkpoints': (lambda v: v >= 1, 'at least 1'),
-    'optimizer.learning_rate': (lambda v: v >= 0, '0 or more'),
-    'optimizer.momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
-    'optimizer.weight_decay': (lambda v: v >= 0, '0 or more'),
-    'optimizer.base_batch_size': (lambda v: v >= 0, '0 (no scaling) or more'),
-    'schedule.factor': (lambda v: v > 0, 'positive'),
-    'schedule.patience': (lambda v: v >= 1, 'at least 1'),
-    'schedule.min_improvement': (lambda v: v >= 0, '0 or more'),
-    'schedule.warmup_length': (lambda v: v >= 0, '0 or more'),
-    'schedule.warmup_lr': (lambda v: v >= 0, '0 or more'),
-    'model.bn_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
-    'model.bn_epsilon': (lambda v: v > 0, 'positive'),
-    'data.image_size': (lambda v: v >= 1, 'at least 1'),
-    'data.crop_padding': (lambda v: v >= 0, '0 or more'),
-    'data.pca_lighting': (lambda v: v >= 0, '0 or more'),
-    'data.eval_resize': (lambda v: v >= 0, '0 (no resize) or more'),
-    'data.validation_size': (lambda v: v >= 0, '0 or more'),
-    'data.prefetch': (lambda v: v >= 1, 'at least 1'),
-    'data.worker_buffer': (lambda v: v >= 1, 'at least 1'),
-    'data.read_buffer': (lambda v: v >= 1, 'at least 1'),
+    'batch_size': _AT_LEAST_1,
+    'eval_batch_size': _AT_LEAST_1,
+    'log_every_steps': _AT_LEAST_1,
+    'eval_every_steps': _non_negative('once per epoch'),
+    'checkpoint_every_steps': _non_negative('once per epoch'),
+    'keep_checkpoints': _AT_LEAST_1,
+    'optimizer.learning_rate': _non_negative(),
+    'optimizer.momentum': _UNIT,
+    'optimizer.weight_decay': _non_negative(),
+    'optimizer.base_batch_size': _non_negative('no scaling'),
+    'schedule.factor': _POSITIVE,
+    'schedule.patience': _AT_LEAST_1,
+    'schedule.min_improvement': _non_negative(),
+    'schedule.warmup_length': _non_negative(),
+    'schedule.warmup_lr': _non_negative(),
+    'model.bn_momentum': _UNIT,
+    'model.bn_epsilon': _POSITIVE,
+    'data.image_size': _AT_LEAST_1,
+    'data.crop_padding': _non_negative(),
+    'data.pca_lighting': _non_negative(),
+    'data.eval_resize': _non_negative('no resize'),
+    'data.validation_size': _non_negative(),
+    'data.prefetch': _AT_LEAST_1,
+    'data.worker_buffer': _AT_LEAST_1,
+    'data.read_buffer': _AT_LEAST_1,
 }
 
 

@@ -104,10 +104,15 @@ def final_results(workdir: str | epath.Path) -> dict[str, Any]:
 DONE, FAILED, CLAIM = 'DONE', 'FAILED', 'CLAIM'
 
 
-def _log_skipped(name: str, member_dir: epath.Path) -> None:
+def _done(name: str, member_dir: epath.Path) -> bool:
+  """Whether the member finished or failed earlier (then logged as skipped); every host of
+  this run decides alike (another job may be writing DONE meanwhile)."""
   status = member_status(member_dir)
+  if not hosts.any_host(status in ('finished', 'failed')):
+    return False
   logging.info('Sweep member %s: %s earlier; skipped%s.', name, status,
                f' (delete {member_dir / FAILED} to retry it)' if status == 'failed' else '')
+  return True
 
 
 def member_status(member_dir: epath.Path) -> str:
@@ -140,14 +145,11 @@ def run_sweep(base: ml_collections.ConfigDict, config_path: str, workdir: str) -
   primary = jax.process_index() == 0
   for name, overrides in members.items():
     member_dir = workdir / name
-    # Every host of this run decides alike (another job may be writing DONE meanwhile).
-    if hosts.any_host(member_status(member_dir) in ('finished', 'failed')):
-      _log_skipped(name, member_dir)
+    if _done(name, member_dir):
       continue
     try:
       with hosts.claim(member_dir, CLAIM, purpose='sweep member'):
-        if hosts.any_host(member_status(member_dir) in ('finished', 'failed')):
-          _log_skipped(name, member_dir)  # (done by another process meanwhile)
+        if _done(name, member_dir):  # (by another process meanwhile)
           continue
         logging.info('Sweep member %s: %s', name, overrides)
         try:

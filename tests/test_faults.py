@@ -77,6 +77,14 @@ def snapshot(workdir):
   return out
 
 
+def assert_stops_changing_nothing(workdir, digits_dir, error, match, **overrides):
+  """Training in `workdir` raises `error` matching `match`, and leaves every file as it was."""
+  before = snapshot(workdir)
+  with pytest.raises(error, match=match):
+    _train(workdir, digits_dir, **overrides)
+  assert snapshot(workdir) == before  # nothing moved, overwritten or deleted
+
+
 def array_files(workdir, step):
   found = [os.path.join(root, name) for root, _, names in
            os.walk(workdir / 'checkpoints' / str(step) / 'state') for name in names
@@ -211,10 +219,8 @@ def test_every_checkpoint_damaged_stops_again_on_the_next_run(trained18, tmp_pat
   _damage_every_checkpoint(workdir)
   with pytest.raises(errors.CheckpointError, match='every one was found damaged and moved'):
     _train(workdir, digits_dir)
-  before = snapshot(workdir)
-  with pytest.raises(errors.CheckpointError, match='found damaged earlier'):
-    _train(workdir, digits_dir)  # does not silently start over
-  assert snapshot(workdir) == before
+  assert_stops_changing_nothing(workdir, digits_dir, errors.CheckpointError,
+                                'found damaged earlier')  # does not silently start over
 
 
 def test_a_torn_line_before_the_last_is_an_error_naming_it(trained18, tmp_path, digits_dir):
@@ -223,10 +229,8 @@ def test_a_torn_line_before_the_last_is_an_error_naming_it(trained18, tmp_path, 
   lines = (workdir / 'metrics.jsonl').read_text().splitlines()
   lines[2] = lines[2][:10]
   (workdir / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
-  before = snapshot(workdir)
-  with pytest.raises(errors.UserError, match=r'metrics.jsonl, line 3, is not a metrics record'):
-    _train(workdir, digits_dir)
-  assert snapshot(workdir) == before
+  assert_stops_changing_nothing(workdir, digits_dir, errors.UserError,
+                                r'metrics.jsonl, line 3, is not a metrics record')
 
 
 def test_harmless_changes_are_recorded_and_harmful_ones_allowed_on_request(trained18, tmp_path,
@@ -267,12 +271,9 @@ def test_a_second_run_on_a_live_runs_workdir_stops_naming_it(trained18, tmp_path
   workdir = tmp_path / 'w'
   shutil.copytree(trained18, workdir)
   with workdir_lock.hold(workdir):  # a live holder: this process
-    before = snapshot(workdir)
-    with pytest.raises(errors.WorkdirInUseError,
-                       match=rf'in use by another run \(train\): host .*, pid {os.getpid()}, '
-                       r'started .* delete .*LOCK'):
-      _train(workdir, digits_dir)
-    assert snapshot(workdir) == before
+    assert_stops_changing_nothing(
+        workdir, digits_dir, errors.WorkdirInUseError,
+        rf'in use by another run \(train\): host .*, pid {os.getpid()}, started .* delete .*LOCK')
   assert not (workdir / 'LOCK').exists()
 
 
@@ -382,9 +383,7 @@ def test_a_checkpoint_this_user_may_not_read_stops_and_moves_nothing(trained18, 
   real_access = os.access
   monkeypatch.setattr(os, 'access', lambda path, mode, **kw: False if os.fspath(path) == (
       state_dir) else real_access(path, mode, **kw))
-  before = snapshot(workdir)
-  with pytest.raises(errors.CheckpointError,
-                     match=rf'checkpoints/18 cannot be read: access was denied \(Permission '
-                     rf'denied: {state_dir}\). Nothing was moved or deleted'):
-    _train(workdir, digits_dir)
-  assert snapshot(workdir) == before
+  assert_stops_changing_nothing(
+      workdir, digits_dir, errors.CheckpointError,
+      rf'checkpoints/18 cannot be read: access was denied \(Permission denied: {state_dir}\). '
+      'Nothing was moved or deleted')
