@@ -21,15 +21,15 @@ sys.path.insert(0, REPO)
 def measure(model_name: str, directory: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
-  from resnet_jax import checkpointing, models, optim, parallel  # pylint: disable=import-outside-toplevel
+  from resnet_jax import assembly, checkpointing, models  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   config.model.name = model_name
   image = 224 if model_name in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
                                 'plain18', 'plain34', 'vgg19') else 32
-  strategy = parallel.create(
+  strategy = assembly.create_strategy(
       config, lambda axis: models.create_model_from_config(config.model, 1000, bn_axis_name=axis),
-      optim.create_optimizer(config), optim.schedule_fn(config, 1, 1), (image, image, 3))
+      (image, image, 3), steps_per_epoch=1, steps_total=1)
   state = strategy.init_state(jax.random.key(0))
   jax.block_until_ready(state)
   size = sum(x.nbytes for x in jax.tree.leaves(state))

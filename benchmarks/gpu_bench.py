@@ -77,6 +77,7 @@ def bench_jax(model_name: str, batch: int, image: int, case: str, steps: int,
   """The row of one resnet_jax case (see `parse_case`), measured on the default device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import functools  # pylint: disable=import-outside-toplevel
   from resnet_jax import backend, models, optim, steps as steps_lib  # pylint: disable=import-outside-toplevel
 
   dtype, options = parse_case(case)
@@ -85,10 +86,13 @@ def bench_jax(model_name: str, batch: int, image: int, case: str, steps: int,
   options = {**backend.model_defaults({'bn_fast_variance': options.get('bn_fast_variance')}),
              **options}
   model = models.create_model(model_name, 1000, dtype=dtype, **options)
-  tx = optim.create_optimizer(config)
-  train_fn, _ = steps_lib.make_steps(model, tx, config, optim.schedule_fn(config, 1, steps))
+  tx = optim.create_optimizer(config.optimizer)
+  schedule = optim.schedule_fn(config.schedule, config.optimizer.learning_rate, 1, steps)
+  train_fn, _ = steps_lib.make_steps(
+      model, tx, functools.partial(optim.learning_rate, config.schedule, schedule))
   state = jax.jit(lambda rng: steps_lib.create_train_state(
-      model, tx, config, (image, image, 3), rng))(jax.random.key(0))
+      model, tx, optim.init_schedule_state(config.schedule), (image, image, 3),
+      rng))(jax.random.key(0))
   key_x, key_y = jax.random.split(jax.random.key(1))
   batch_data = {'image': jax.random.normal(key_x, (batch, image, image, 3), jnp.float32),
                 'label': jax.random.randint(key_y, (batch,), 0, 1000)}

@@ -69,7 +69,7 @@ def build(model: str, batch: int, image: int, parallel: str, dtype: str,
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
-  from resnet_jax import backend, models, optim, parallel as par  # pylint: disable=import-outside-toplevel
+  from resnet_jax import assembly, backend, models  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
   config.model.name, config.model.dtype = model, dtype
@@ -80,12 +80,11 @@ def build(model: str, batch: int, image: int, parallel: str, dtype: str,
       config.model[key] = value
   config.batch_size = config.eval_batch_size = batch
   config.parallel = parallel
-  schedule = optim.schedule_fn(config, 100, 1000)
   run_options = {**backend.model_defaults(config.model),
                  **backend.choose_cpu_kernels(config.cpu_kernels).model_options}
-  strategy = par.create(config, lambda axis: models.create_model_from_config(
+  strategy = assembly.create_strategy(config, lambda axis: models.create_model_from_config(
       config.model, 10 if image <= 64 else 1000, bn_axis_name=axis, **run_options),
-      optim.create_optimizer(config), schedule, (image, image, 3))
+      (image, image, 3), steps_per_epoch=100, steps_total=1000)
   state = strategy.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)
   batches = [strategy.put_batch({

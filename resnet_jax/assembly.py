@@ -8,8 +8,9 @@ traced, after every config value has been checked (config_checks.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -61,17 +62,32 @@ def setup(config: Any) -> Setup:
                inp.host_rows, config.data.name, inp.splits.train, jax.process_index() + 1,
                jax.process_count(), inp.splits.eval)
   steps_total = total_steps(config, inp.steps_per_epoch)
-  schedule = optim.schedule_fn(config, inp.steps_per_epoch, steps_total)
-  tx = optim.create_optimizer(config)
   input_shape = (config.data.image_size, config.data.image_size, 3)
   augment = normalization.device_augment(config.data, inp.builder, inp.splits.train,
                                          inputs_lib.derive_seed(config.seed, 'augment'))
-  strategy = parallel.create(
+  strategy = create_strategy(
       config,
       lambda axis: models.create_model_from_config(config.model, inp.num_classes,
                                                    bn_axis_name=axis, **run_options),
-      tx, schedule, input_shape, augment=augment)
+      input_shape, steps_per_epoch=inp.steps_per_epoch, steps_total=steps_total,
+      augment=augment)
   return Setup(inp, strategy, steps_total, cpu_kernels.description, augment)
+
+
+def create_strategy(config: Any, make_model: Callable[[str | None], Any],
+                    input_shape: tuple[int, ...], *, steps_per_epoch: int, steps_total: int,
+                    augment: augment_lib.DeviceAugment | None = None) -> parallel.Parallel:
+  """config.parallel's strategy for `make_model(bn_axis_name)`, trained with config.optimizer
+  and config.schedule: each section goes to its own module, with the explicit values
+  (batch size, step counts) it needs."""
+  schedule = optim.schedule_fn(config.schedule,
+                               optim.base_learning_rate(config.optimizer, config.batch_size),
+                               steps_per_epoch, steps_total)
+  return parallel.create(
+      config.parallel, make_model, tx=optim.create_optimizer(config.optimizer),
+      lr_fn=functools.partial(optim.learning_rate, config.schedule, schedule),
+      schedule_state=optim.init_schedule_state(config.schedule), input_shape=input_shape,
+      augment=augment)
 
 
 def host_rows(batch_size: int) -> tuple[int, int]:

@@ -84,12 +84,14 @@ def problems(config: Any, num_devices: int) -> list[str]:
       lambda: (host_preprocess.check_eval_crop(config.data, 'final_eval_crop')
                if config.data.final_eval_crop else None),
       lambda: normalization.check_normalize(config.data),
-      lambda: optim.check_schedule(config),
-      lambda: parallel.check_parallel(config, num_devices),
+      lambda: optim.check_schedule(config.schedule),
+      lambda: parallel.check_parallel(config.parallel),
       lambda: backend.cpu_kernel_mode(config.cpu_kernels),
   ]
   if not found:  # the batch-size checks divide by these
-    checks.append(lambda: parallel.check_batch_sizes(config, num_devices))
+    checks.append(lambda: parallel.check_batch_sizes(
+        config.batch_size, config.eval_batch_size, config.model.bn_group_size, config.parallel,
+        num_devices))
   for check in checks:
     try:
       check()

@@ -23,21 +23,19 @@ from resnet_jax import errors
 SCHEDULES = ('constant', 'step', 'plateau', 'cosine')
 
 
-def base_learning_rate(config: Any) -> float:
-  """config.optimizer.learning_rate, scaled by batch_size / base_batch_size when that is set."""
-  opt = config.optimizer
+def base_learning_rate(opt: Any, batch_size: int) -> float:
+  """config.optimizer's learning_rate, scaled by batch_size / base_batch_size when that is set."""
   if opt.base_batch_size > 0:
-    return opt.learning_rate * config.batch_size / opt.base_batch_size
+    return opt.learning_rate * batch_size / opt.base_batch_size
   return opt.learning_rate
 
 
-def create_optimizer(config: Any) -> optax.GradientTransformation:
-  """L2 weight decay (as a gradient term, like the paper) then momentum.
+def create_optimizer(opt: Any) -> optax.GradientTransformation:
+  """L2 weight decay (as a gradient term, like the paper) then momentum, from config.optimizer.
 
   The learning rate is applied by the train step, after momentum, as in
   PyTorch's SGD: v <- mu v + (g + wd w); w <- w - lr v.
   """
-  opt = config.optimizer
 
   def decay_mask(params):
     return jax.tree_util.tree_map_with_path(
@@ -49,9 +47,8 @@ def create_optimizer(config: Any) -> optax.GradientTransformation:
   )
 
 
-def check_schedule(config: Any) -> None:
+def check_schedule(s: Any) -> None:
   """config.schedule's name, unit and boundaries (before any step count is known)."""
-  s = config.schedule
   if s.name not in SCHEDULES:
     raise errors.ConfigError(f'config.schedule.name={s.name!r}; choose one of {", ".join(SCHEDULES)}.')
   if s.unit not in ('steps', 'epochs'):
@@ -61,12 +58,12 @@ def check_schedule(config: Any) -> None:
                              f'{tuple(s.boundaries)}.')
 
 
-def schedule_fn(config: Any, steps_per_epoch: int, total_steps: int) -> Callable[[Any], Any]:
-  """step -> learning rate, before any plateau scaling or ResNet-110 warm-up."""
-  check_schedule(config)
-  s = config.schedule
+def schedule_fn(s: Any, base: float, steps_per_epoch: int,
+                total_steps: int) -> Callable[[Any], Any]:
+  """step -> learning rate for config.schedule `s` peaking at `base` (base_learning_rate),
+  before any plateau scaling or ResNet-110 warm-up."""
+  check_schedule(s)
   unit = steps_per_epoch if s.unit == 'epochs' else 1
-  base = base_learning_rate(config)
   warmup = int(round(s.warmup_length * unit))
   if s.name == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, base, warmup, max(total_steps, warmup + 1))
@@ -89,34 +86,36 @@ class ScheduleState:
   bad_evals: Any   # evaluations since the best one
 
 
-def init_schedule_state(config: Any) -> ScheduleState:
+def init_schedule_state(s: Any) -> ScheduleState:
+  """The state before the first step, for config.schedule `s`."""
   return ScheduleState(
       lr_scale=np.float32(1.0),
-      warmup=np.bool_(config.schedule.warmup_lr > 0),
+      warmup=np.bool_(s.warmup_lr > 0),
       best_error=np.float32(np.inf),
       bad_evals=np.int32(0))
 
 
-def learning_rate(config: Any, schedule: Callable, step: Any, state: ScheduleState) -> Any:
-  """The learning rate used at `step` (traceable)."""
-  return jnp.where(state.warmup, jnp.float32(config.schedule.warmup_lr),
+def learning_rate(s: Any, schedule: Callable, step: Any, state: ScheduleState) -> Any:
+  """The learning rate used at `step` (traceable), for config.schedule `s` and schedule_fn's
+  `schedule`."""
+  return jnp.where(state.warmup, jnp.float32(s.warmup_lr),
                    schedule(step) * state.lr_scale)
 
 
-def after_train_log(config: Any, state: ScheduleState, train_error: float) -> ScheduleState:
+def after_train_log(s: Any, state: ScheduleState, train_error: float) -> ScheduleState:
   """Ends the ResNet-110 warm-up once the measured training error is below the threshold.
 
   Afterwards the learning rate returns to the schedule (0.1 in the paper),
   which is what the paper does and some reproductions forget.
   """
-  if bool(state.warmup) and train_error < config.schedule.warmup_until_error:
+  if bool(state.warmup) and train_error < s.warmup_until_error:
     return state.replace(warmup=np.bool_(False))
   return state
 
 
-def after_eval(config: Any, state: ScheduleState, eval_error: float) -> ScheduleState:
-  """'plateau': divides the learning rate by 1/factor when the eval error stops improving."""
-  s = config.schedule
+def after_eval(s: Any, state: ScheduleState, eval_error: float) -> ScheduleState:
+  """'plateau' (config.schedule `s`): divides the learning rate by 1/factor when the eval
+  error stops improving."""
   if s.name != 'plateau':
     return state
   if eval_error < float(state.best_error) - s.min_improvement:

@@ -20,9 +20,11 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax import errors
+from resnet_jax import optim
 from resnet_jax import steps
 
 PARALLEL_MODES = ('jit', 'pmap')
@@ -56,50 +58,52 @@ class Parallel:
     return {k: float(v) for k, v in self.to_host(metrics).items()}
 
 
-def check_batch_sizes(config: Any, num_devices: int) -> None:
+def check_batch_sizes(batch_size: int, eval_batch_size: int, bn_group_size: int, mode: str,
+                      num_devices: int) -> None:
   """Clear errors for batch sizes that the devices or the BN groups cannot split evenly."""
-  for field in ('batch_size', 'eval_batch_size'):
-    if config[field] % num_devices:
+  for field, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
+    if size % num_devices:
       raise errors.ConfigError(
-          f'config.{field}={config[field]} is not divisible by the {num_devices} devices: use a '
-          f'multiple of {num_devices} (e.g. {num_devices * max(1, config[field] // num_devices)}).')
-  group = config.model.bn_group_size
-  if group:
-    pmap = config.parallel == 'pmap'
-    batch = config.batch_size // num_devices if pmap else config.batch_size
-    if batch % group:
+          f'config.{field}={size} is not divisible by the {num_devices} devices: use a '
+          f'multiple of {num_devices} (e.g. {num_devices * max(1, size // num_devices)}).')
+  if bn_group_size:
+    pmap = mode == 'pmap'
+    batch = batch_size // num_devices if pmap else batch_size
+    if batch % bn_group_size:
       where = 'per-device batch' if pmap else 'batch'
-      raise errors.ConfigError(f'config.model.bn_group_size={group} does not divide the {where} of {batch}.')
+      raise errors.ConfigError(
+          f'config.model.bn_group_size={bn_group_size} does not divide the {where} of {batch}.')
 
 
-def check_parallel(config: Any, num_devices: int) -> None:
-  del num_devices  # (both strategies run on any number)
-  if config.parallel not in PARALLEL_MODES:
-    raise errors.ConfigError(f'config.parallel={config.parallel!r}; choose one of '
+def check_parallel(mode: str) -> None:
+  if mode not in PARALLEL_MODES:
+    raise errors.ConfigError(f'config.parallel={mode!r}; choose one of '
                              f'{", ".join(PARALLEL_MODES)}.')
 
 
-def create(config: Any, make_model: Callable[[str | None], Any], tx: Any,
-           schedule: Callable, input_shape: tuple[int, ...], augment: Any = None) -> Parallel:
-  """The strategy named by `config.parallel`; `make_model(bn_axis_name)` builds the net;
-  `augment` (augment.DeviceAugment) turns uint8 batches into model inputs in the steps."""
-  check_parallel(config, jax.device_count())
-  check_batch_sizes(config, jax.device_count())
+def create(mode: str, make_model: Callable[[str | None], Any], *,
+           tx: optax.GradientTransformation, lr_fn: Callable[[Any, optim.ScheduleState], Any],
+           schedule_state: optim.ScheduleState, input_shape: tuple[int, ...],
+           augment: Any = None) -> Parallel:
+  """The strategy `mode` (config.parallel): `make_model(bn_axis_name)` builds the net, `tx`
+  and `lr_fn(step, schedule_state)` train it (steps.make_steps), `schedule_state` starts the
+  schedule, and `augment` (device_augment.DeviceAugment) turns uint8 batches into model
+  inputs in the steps. Batch sizes are checked before (config_checks)."""
+  check_parallel(mode)
   global_mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(global_mesh, P())
-  axis_name = PMAP_AXIS if config.parallel == 'pmap' else None
+  axis_name = PMAP_AXIS if mode == 'pmap' else None
   model = make_model(axis_name)
-  train_fn, eval_fn = steps.make_steps(model, tx, config, schedule, axis_name=axis_name,
-                                       augment=augment)
+  train_fn, eval_fn = steps.make_steps(model, tx, lr_fn, axis_name=axis_name, augment=augment)
 
   def create_state(rng):
-    return steps.create_train_state(model, tx, config, input_shape, rng)
+    return steps.create_train_state(model, tx, schedule_state, input_shape, rng)
 
   def abstract_state(rng):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                         jax.eval_shape(create_state, rng))
 
-  if config.parallel == 'jit':
+  if mode == 'jit':
     batch_sharding = NamedSharding(global_mesh, P('data'))
     return Parallel(
         init_state=jax.jit(create_state, out_shardings=replicated),

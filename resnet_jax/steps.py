@@ -31,9 +31,11 @@ class TrainState:
   schedule: optim.ScheduleState
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, config: Any,
-                       input_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
-  """Initial state from `rng` (traceable: jit it with out_shardings to place it)."""
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       schedule: optim.ScheduleState, input_shape: tuple[int, ...],
+                       rng: jax.Array) -> TrainState:
+  """Initial state from `rng`, with the schedule's initial state (optim.init_schedule_state);
+  traceable: jit it with out_shardings to place it."""
   variables = model.init(rng, jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False)
   params = variables['params']
   return TrainState(
@@ -41,7 +43,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, confi
       params=params,
       batch_stats=variables.get('batch_stats', {}),
       opt_state=tx.init(params),
-      schedule=jax.tree.map(jnp.asarray, optim.init_schedule_state(config)))
+      schedule=jax.tree.map(jnp.asarray, schedule))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -155,15 +157,15 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
                   **_error_sums(logits, labels, weights)}, axis_name)
 
 
-def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: Any,
-               schedule: Callable, axis_name: str | None = None,
+def make_steps(model: nn.Module, tx: optax.GradientTransformation,
+               lr_fn: Callable[[Any, optim.ScheduleState], Any], axis_name: str | None = None,
                augment: augment_lib.DeviceAugment | None = None) -> tuple[Callable, Callable]:
   """The two step functions with everything static bound; ready for jit or pmap.
 
-  `augment`: what turns the input pipeline's uint8 images into model inputs
+  `lr_fn(step, schedule_state)`: the learning rate (optim.learning_rate with the schedule
+  bound). `augment`: what turns the input pipeline's uint8 images into model inputs
   (None: batches already hold them).
   """
-  lr_fn = functools.partial(optim.learning_rate, config, schedule)
   return (functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, augment=augment,
                             axis_name=axis_name),
           functools.partial(eval_step, model=model, augment=augment, axis_name=axis_name))

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -209,7 +209,7 @@ def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Che
           window = None
           writer.write_scalars(step, {'images_per_sec': clock.images_per_sec(
               step, config.batch_size)})
-          state = _update_schedule(strategy, state, optim.after_train_log, config,
+          state = _update_schedule(strategy, state, optim.after_train_log, config.schedule,
                                    train['train_top1_error'])
         turn = Turn(evaluate=step % eval_every == 0 or step == steps_total)
 
@@ -234,7 +234,7 @@ def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Che
         _check_finite('eval', step_metrics['eval_loss'], step, ckpt)
         eval_metrics = step_metrics
         writer.write_scalars(step, eval_metrics)
-        state = _update_schedule(strategy, state, optim.after_eval, config,
+        state = _update_schedule(strategy, state, optim.after_eval, config.schedule,
                                  eval_metrics['eval_top1_error'])
 
       preempted = preemption.reached()
@@ -292,10 +292,11 @@ def _save(ckpt: checkpointing.Checkpoints, strategy: parallel.Parallel, step: in
   ckpt.save(step, strategy.unreplicate(state), loop, metrics=metrics)
 
 
-def _update_schedule(strategy, state, rule, config, error: float):
+def _update_schedule(strategy: parallel.Parallel, state: Any, rule: Callable,
+                     schedule_config: Any, error: float) -> Any:
   """Applies a host-side learning-rate rule (warm-up end, plateau) to the state."""
   current = jax.tree.map(np.asarray, strategy.to_host(state.schedule))
-  new = rule(config, current, error)
+  new = rule(schedule_config, current, error)
   if new is current:
     return state
   logging.info('Step %d: learning-rate state %s -> %s (error %.4f).', int(

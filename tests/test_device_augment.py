@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import models, optim, parallel, steps
+from resnet_jax import assembly, models, steps
 from resnet_jax.data import device_augment as augment
 from resnet_jax.data import image_ops
 from tests.support import helpers
@@ -90,10 +90,9 @@ def test_jit_and_pmap_augment_the_same_examples_alike():
   metrics = {}
   for mode in ('jit', 'pmap'):
     config.parallel = mode
-    strategy = parallel.create(
+    strategy = assembly.create_strategy(
         config, lambda axis: models.create_model_from_config(config.model, 10, bn_axis_name=axis),
-        optim.create_optimizer(config), optim.schedule_fn(config, 10, 100), (16, 16, 3),
-        augment=aug)
+        (16, 16, 3), steps_per_epoch=10, steps_total=100, augment=aug)
     state = strategy.init_state(jax.random.key(0))
     _, m = strategy.train_step(state, strategy.put_batch(batch))
     metrics[mode] = strategy.metrics_to_host(m)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import models
+from resnet_jax import config_checks
 from resnet_jax import optim
 from resnet_jax import sweep
 from tests.support import helpers
@@ -148,14 +149,14 @@ def test_shipped_sweeps_resolve_to_valid_members(name):
     config = sweep.member_config(base, overrides)
     assert config.model.name in models.MODEL_NAMES
     models.create_model_from_config(config.model, 10)  # raises on a bad model option
-    optim.schedule_fn(config, 468, 7020)
+    assert not config_checks.problems(config, num_devices=8)
   if name == 'fashion_mnist_depth_long':
     # The issue asks for the spread over two seeds of the 20- and 56-layer ResNets.
     seeds = {(o['model.name'], o['seed']) for o in members.values()}
     assert {('resnet20', 0), ('resnet20', 1), ('resnet56', 0), ('resnet56', 1)} <= seeds
     config = sweep.member_config(base, members['resnet56-seed1'])
     assert config.num_epochs == 15.0
-    lr = optim.schedule_fn(config, 468, 7020)
+    lr = optim.schedule_fn(config.schedule, config.optimizer.learning_rate, 468, 7020)
     # Divided by 10 at 50% and 75% of training, as the paper's CIFAR schedule.
     assert [float(lr(s)) for s in (0, 3509, 3510, 5264, 5265)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001])

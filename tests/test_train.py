@@ -1,5 +1,4 @@
 """The training system: steps, jit == pmap, optimizer, schedules, loop, bad input."""
-import math
 import os
 import re
 import time
@@ -11,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resnet_jax import assembly
 from resnet_jax import backend
 from resnet_jax import checkpointing
+from resnet_jax import config_checks
 from resnet_jax import errors
 from resnet_jax import models
 from resnet_jax import optim
-from resnet_jax import parallel
 from resnet_jax import run_log
 from resnet_jax import steps
 from resnet_jax import train
@@ -35,12 +35,11 @@ def _batches(num, batch_size, seed=0, num_classes=10):
 def _strategy(config, num_classes=10):
   """The trainer's strategy for `config`, with the kernels it would choose (the CPU plugin
   only where $RESNET_JAX_CPU_KERNELS leaves config.cpu_kernels=auto on)."""
-  schedule = optim.schedule_fn(config, steps_per_epoch=10, total_steps=100)
   kernels = backend.choose_cpu_kernels(config.cpu_kernels).model_options
-  return parallel.create(
+  return assembly.create_strategy(
       config, lambda axis: models.create_model_from_config(config.model, num_classes,
                                                            bn_axis_name=axis, **kernels),
-      optim.create_optimizer(config), schedule, SHAPE)
+      SHAPE, steps_per_epoch=10, steps_total=100)
 
 
 def _train(config, batches):
@@ -134,7 +133,7 @@ def test_ghost_bn_over_devices_equals_per_device_statistics():
 def test_sgd_update_is_momentum_with_l2_on_kernels_only():
   config = helpers.small_config()
   config.optimizer.weight_decay = 0.1
-  tx = optim.create_optimizer(config)
+  tx = optim.create_optimizer(config.optimizer)
   params = {'conv': {'kernel': jnp.ones((2,))}, 'bn': {'scale': jnp.ones((2,)),
                                                        'bias': jnp.ones((2,))}}
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
@@ -145,14 +144,16 @@ def test_sgd_update_is_momentum_with_l2_on_kernels_only():
   u2, _ = tx.update(grads, opt_state, params)
   np.testing.assert_allclose(u2['conv']['kernel'], 0.9 * 0.6 + 0.6)  # momentum trace
   config.optimizer.decay_bn_and_bias = True
-  u, _ = optim.create_optimizer(config).update(grads, tx.init(params), params)
+  u, _ = optim.create_optimizer(config.optimizer).update(grads, tx.init(params), params)
   np.testing.assert_allclose(u['bn']['bias'], 0.6)
 
 
 def _lr(config, step, state=None, steps_per_epoch=100, total=64000):
-  schedule = optim.schedule_fn(config, steps_per_epoch, total)
-  state = state or optim.init_schedule_state(config)
-  return float(optim.learning_rate(config, schedule, jnp.int32(step), state))
+  schedule = optim.schedule_fn(config.schedule,
+                               optim.base_learning_rate(config.optimizer, config.batch_size),
+                               steps_per_epoch, total)
+  state = state or optim.init_schedule_state(config.schedule)
+  return float(optim.learning_rate(config.schedule, schedule, jnp.int32(step), state))
 
 
 def test_paper_cifar_step_schedule_boundaries():
@@ -174,24 +175,24 @@ def test_resnet110_warmup_returns_to_the_schedule():
   config = helpers.small_config(**{'schedule.name': 'step', 'schedule.unit': 'steps',
                                    'schedule.boundaries': (32000, 48000),
                                    'schedule.warmup_lr': 0.01})
-  state = optim.init_schedule_state(config)
+  state = optim.init_schedule_state(config.schedule)
   assert _lr(config, 0, state) == pytest.approx(0.01)
-  state = optim.after_train_log(config, state, 0.85)   # still above 80%
+  state = optim.after_train_log(config.schedule, state, 0.85)   # still above 80%
   assert _lr(config, 300, state) == pytest.approx(0.01)
-  state = optim.after_train_log(config, state, 0.79)   # below 80%: back to 0.1
+  state = optim.after_train_log(config.schedule, state, 0.79)   # below 80%: back to 0.1
   assert _lr(config, 400, state) == pytest.approx(0.1)
   assert _lr(config, 32000, state) == pytest.approx(0.01)
-  state = optim.after_train_log(config, state, 0.95)   # never warms up again
+  state = optim.after_train_log(config.schedule, state, 0.95)   # never warms up again
   assert _lr(config, 401, state) == pytest.approx(0.1)
 
 
 def test_plateau_divides_by_ten_when_eval_error_stops_improving():
   config = helpers.small_config(**{'schedule.name': 'plateau', 'schedule.patience': 2,
                                    'schedule.factor': 0.1})
-  state = optim.init_schedule_state(config)
+  state = optim.init_schedule_state(config.schedule)
   for error, expected in [(0.5, 0.1), (0.4, 0.1), (0.4, 0.1), (0.41, 0.01), (0.45, 0.01),
                           (0.39, 0.01), (0.39, 0.01), (0.39, 0.001)]:
-    state = optim.after_eval(config, state, error)
+    state = optim.after_eval(config.schedule, state, error)
     assert _lr(config, 1000, state) == pytest.approx(expected)
 
 
@@ -210,11 +211,12 @@ def test_cosine_with_linear_warmup_and_batch_scaling():
 def test_eval_step_scores_masked_batches_and_ten_crops():
   config = helpers.small_config()
   model = models.create_model_from_config(config.model, 10)
-  tx = optim.create_optimizer(config)
-  state = steps.create_train_state(model, tx, config, SHAPE, jax.random.key(0))
+  tx = optim.create_optimizer(config.optimizer)
+  state = steps.create_train_state(model, tx, optim.init_schedule_state(config.schedule), SHAPE,
+                                   jax.random.key(0))
   batch = _batches(1, 8)[0]
   mask = np.array([1, 1, 1, 0, 1, 0, 0, 1], bool)
-  _, eval_fn = steps.make_steps(model, tx, config, optim.schedule_fn(config, 1, 1))
+  _, eval_fn = steps.make_steps(model, tx, lambda step, schedule: 0.1)
   full = eval_fn(state, {**batch, 'mask': np.ones(8, bool)})
   masked = eval_fn(state, {**batch, 'mask': mask})
   assert float(masked['count']) == 5
@@ -228,10 +230,13 @@ def test_eval_step_scores_masked_batches_and_ten_crops():
 def test_batch_not_divisible_by_devices_fails_clearly():
   config = helpers.small_config(batch_size=12)
   with pytest.raises(ValueError, match='batch_size=12 is not divisible by the 8 devices'):
-    _strategy(config)
+    config_checks.validate(config, 8)
   config = helpers.small_config(parallel='pmap', batch_size=16, **{'model.bn_group_size': 4})
   with pytest.raises(ValueError, match='bn_group_size=4 does not divide the per-device batch of 2'):
-    _strategy(config)
+    config_checks.validate(config, 8)
+  config_checks.validate(helpers.small_config(batch_size=16, **{'model.bn_group_size': 4}), 8)
+  with pytest.raises(ValueError, match="config.parallel='pjit'"):
+    config_checks.validate(helpers.small_config(parallel='pjit'), 8)
   with pytest.raises(ValueError, match="config.parallel='pjit'"):
     _strategy(helpers.small_config(parallel='pjit'))
 
@@ -344,7 +349,7 @@ def test_bfloat16_training_follows_float32():
   for dtype in ('float32', 'bfloat16'):
     runs[dtype] = _train(helpers.small_config(**{'model.dtype': dtype,
                                                  'optimizer.learning_rate': 0.01}), batches)
-  (f32_state, f32_losses), (bf16_state, bf16_losses) = runs['float32'], runs['bfloat16']
+  (_, f32_losses), (bf16_state, bf16_losses) = runs['float32'], runs['bfloat16']
   np.testing.assert_allclose(bf16_losses, f32_losses, rtol=0.02)
   assert bf16_losses != f32_losses  # it really computed in bfloat16
   assert {x.dtype for x in jax.tree.leaves((bf16_state.params, bf16_state.batch_stats))} == {
@@ -362,9 +367,10 @@ class Echo(nn.Module):
 
 def _echo_steps(num_classes):
   config = helpers.small_config()
-  model, tx = Echo(), optim.create_optimizer(config)
-  state = steps.create_train_state(model, tx, config, (1, 1, num_classes), jax.random.key(0))
-  train_fn, eval_fn = steps.make_steps(model, tx, config, optim.schedule_fn(config, 1, 1))
+  model, tx = Echo(), optim.create_optimizer(config.optimizer)
+  state = steps.create_train_state(model, tx, optim.init_schedule_state(config.schedule),
+                                   (1, 1, num_classes), jax.random.key(0))
+  train_fn, eval_fn = steps.make_steps(model, tx, lambda step, schedule: 0.1)
   return state, jax.jit(train_fn), jax.jit(eval_fn)
 
 
