@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 
 from resnet_jax import backend
+from resnet_jax import checkpoint_restore
+from resnet_jax import checkpointing
 from resnet_jax import config_checks
 from resnet_jax import errors
 from resnet_jax import models
@@ -136,6 +138,19 @@ def initial_state(strategy: parallel.Parallel, config: Any, evaluating: bool = F
   logging.info('Starting from the weights in %s.', config.init_from)
   # The optimizer's state (momentum) starts at zero, as for any new run.
   return strategy.replicate(fresh.replace(params=params, batch_stats=batch_stats))
+
+
+def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints,
+                    config: Any) -> tuple[Any, int, dict[str, Any]]:
+  """(placed state, step, loop record): the newest good checkpoint, or a fresh state (from
+  config.init_from's weights, if given)."""
+  rng = jax.random.key(config.seed)
+  restored = checkpoint_restore.latest_good(ckpt, strategy.abstract_state(rng))
+  if restored is None:
+    return initial_state(strategy, config), 0, {}
+  step, state, loop = restored
+  logging.info('Resuming from the checkpoint at step %d.', step)
+  return strategy.replicate(state), step, loop
 
 
 def check_shapes(source: str, net: str, loaded: Any, expected: Any) -> None:

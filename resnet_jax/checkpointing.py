@@ -13,7 +13,6 @@ import errno
 import functools
 import json
 import math
-import time
 import uuid
 from typing import Any
 
@@ -34,26 +33,10 @@ BEST_METRIC = 'eval_top1_error'
 CheckpointError = errors.CheckpointError
 
 
-# A restore that fails for another reason than the checkpoint's content (a read
-# error, a timeout, memory) is tried this often before the run stops.
-RESTORE_ATTEMPTS = 3
-RETRY_SECONDS = 2.0
-
-_OK, _DAMAGED, _FAILED = 0, 1, 2  # restore outcomes, in the order hosts agree on them
-
-
 def _finite_error(metrics: dict[str, float]) -> float:
   """The error that ranks a step; none or a non-finite one ranks last."""
   error = metrics.get(BEST_METRIC, math.inf)
   return error if math.isfinite(error) else math.inf
-
-
-def _agree(outcome: int) -> int:
-  """The outcome every host acts on: the worst any host saw (one shared decision)."""
-  agreed = hosts.worst(outcome)
-  if agreed not in (_OK, _DAMAGED, _FAILED):
-    raise RuntimeError(f'The hosts disagree on restoring a checkpoint (got {agreed}).')
-  return agreed
 
 
 class Checkpoints:
@@ -208,6 +191,7 @@ class Checkpoints:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """The state at `step`, laid out like `abstract_state` (shapes and shardings).
 
+    (checkpoint_restore.latest_good falls back from the newest to the newest good one.)
     Raises DamagedCheckpointError if its content is missing or corrupt,
     CheckpointAccessError if it may not be read, CheckpointError if it does
     not fit the model, and the original error for anything else.
@@ -261,74 +245,8 @@ class Checkpoints:
     damage.verify(step_dir, restored['state'], loop.pop('checksums', None))
     return restored['state'], loop
 
-  def _restore_with_retries(self, step: int, abstract_state: Any):
-    """(outcome, restored or the error): retries errors that are not content damage."""
-    for attempt in range(1, RESTORE_ATTEMPTS + 1):
-      try:
-        return _OK, self.restore(step, abstract_state)
-      except damage.DamagedCheckpointError as e:
-        return _DAMAGED, e
-      except damage.CheckpointAccessError as e:
-        return _FAILED, e  # permissions or credentials: retrying will not help
-      except CheckpointError:
-        raise  # does not fit the model: the config is wrong, nothing is damaged
-      except Exception as e:  # pylint: disable=broad-except
-        if not damage.transient(e):
-          raise  # a bug, not the storage: its traceback matters
-        if attempt == RESTORE_ATTEMPTS:
-          return _FAILED, e
-        logging.warning('Restoring the checkpoint at step %d failed (attempt %d of %d: %s: %s); '
-                        'retrying.', step, attempt, RESTORE_ATTEMPTS, type(e).__name__,
-                        damage.first_line(str(e)))
-        time.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
-
-  def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest checkpoint that can be read (None if there is none).
-
-    Only a checkpoint whose content is missing or corrupt is moved aside, to
-    WORKDIR/damaged_checkpoints/ (not deleted), so that training can write that
-    step again; the hosts decide together. Any other failure is retried and
-    then stops the run with its error, with nothing moved. A checkpoint that
-    does not fit the config is an error, not a reason to go back.
-    """
-    damaged = []
-    for step in sorted(self.steps(), reverse=True):
-      outcome, result = self._restore_with_retries(step, abstract_state)
-      agreed = _agree(outcome)
-      if agreed == _FAILED:
-        error = result if outcome == _FAILED else RuntimeError('it failed on another host')
-        if isinstance(error, damage.CheckpointAccessError):
-          raise error
-        how = f'after {RESTORE_ATTEMPTS} attempts'
-        raise CheckpointError(
-            f'Could not restore the checkpoint at step {step} in {self.directory}: {how} '
-            f'({type(error).__name__}: {damage.first_line(str(error))}). Nothing was moved or '
-            'deleted: fix the cause (permissions, storage access, memory) and rerun the same '
-            'command.') from (result if outcome == _FAILED else None)
-      if agreed == _DAMAGED:
-        logging.warning('%s', result if outcome == _DAMAGED else
-                        f'The checkpoint at step {step} is damaged on another host.')
-        self.move_aside(step, str(result) if outcome == _DAMAGED else 'damaged on another host')
-        damaged.append(step)
-        continue
-      if outcome != _OK:
-        raise RuntimeError(f'Restoring step {step}: agreed {agreed}, but this host saw {outcome}.')
-      if damaged:
-        logging.warning('Resuming from step %d: the newer checkpoints %s are damaged and were '
-                        'moved to %s.', step, damaged, self._damaged_dir)
-      state, loop = result
-      return step, state, loop
-    if damaged or quarantine.earlier_damage(self.directory):
-      earlier = '' if damaged else ' earlier'
-      raise CheckpointError(
-          f'No usable checkpoint in {self.directory}: every one was found damaged{earlier} and '
-          f'moved to {self._damaged_dir} (each with WHY_DAMAGED.txt). Training does not start '
-          f'over on its own: to start afresh here, delete {self._damaged_dir}; or use a new '
-          'workdir.')
-    return None
-
   @property
-  def _damaged_dir(self) -> epath.Path:
+  def damaged_dir(self) -> epath.Path:
     return quarantine.damaged_dir(self.directory)
 
   def move_aside(self, step: int, why: str) -> None:

@@ -7,7 +7,6 @@ every problem of a config in one message, each naming its field.
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable
 
@@ -113,35 +112,3 @@ def validate(config: Any, num_devices: int) -> None:
     raise errors.ConfigError(f'{len(found)} config values cannot work:\n  ' +
                              '\n  '.join(found) + '\nEvery field and its meaning: '
                              'configs/default.py.')
-
-
-# Fields a resumed run may change: they do not change what is trained (the loader's
-# processes and buffers, where the data lives, when to log, evaluate and checkpoint, how
-# far to train, the eval batch: every eval example counts once whatever it is).
-RESUME_HARMLESS = (
-    'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-    'checkpoint_every_steps', 'keep_checkpoints', 'profile', 'cpu_kernels', 'parallel',
-    'init_from', 'eval_batch_size', 'allow_resume_changes', 'data.data_dir', 'data.manual_dir',
-    'data.workers', 'data.threads', 'data.worker_buffer', 'data.read_buffer', 'data.prefetch',
-    'data.final_eval_crop', 'data.multi_scale_sides')
-
-
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
-def resume_changes(saved: dict[str, Any], config: Any) -> tuple[dict[str, tuple], dict[str, tuple]]:
-  """(changes to what is trained, harmless changes) from the config a workdir was trained
-  with (its config.json) to `config`, each field -> (saved, new). Fields only one of them
-  has (retired or new ones) are not compared."""
-  old = _flatten(saved)
-  new = _flatten(json.loads(config.to_json_best_effort()))
-  changed = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
-  harmful = {k: v for k, v in changed.items() if k not in RESUME_HARMLESS}
-  return harmful, {k: v for k, v in changed.items() if k in RESUME_HARMLESS}

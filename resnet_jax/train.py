@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
-import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -23,7 +21,6 @@ from etils import epath
 
 from resnet_jax import assembly
 from resnet_jax import checkpointing
-from resnet_jax import config_checks
 from resnet_jax import errors
 from resnet_jax import evaluation
 from resnet_jax import hosts
@@ -31,6 +28,7 @@ from resnet_jax import optim
 from resnet_jax import parallel
 from resnet_jax import paths
 from resnet_jax import preemption as preemption_lib
+from resnet_jax import resume_config
 from resnet_jax import run_log
 from resnet_jax.data import eval_stream
 from resnet_jax.data import inputs as inputs_lib
@@ -50,14 +48,6 @@ evaluate = evaluation.evaluate  # (the loop calls it through this name: tests re
 clu_metrics_from_sums = evaluation.clu_metrics_from_sums
 
 
-def save_config(config: Any, workdir: epath.Path, cpu_kernels_used: str) -> None:
-  """WORKDIR/config.json: the config, and what config.cpu_kernels resolved to here."""
-  if jax.process_index() == 0:
-    saved = json.loads(config.to_json_best_effort())
-    saved['cpu_kernels_used'] = cpu_kernels_used
-    paths.write_json(workdir / 'config.json', saved)
-
-
 def _prefetch(iterator: Iterator, put, size: int) -> Iterator:
   """Keeps `size` batches on their way to the devices (transfers are asynchronous)."""
   queue = collections.deque()
@@ -66,18 +56,6 @@ def _prefetch(iterator: Iterator, put, size: int) -> Iterator:
     if len(queue) > size:
       yield queue.popleft()
   yield from queue
-
-
-def restore_or_init(strategy: parallel.Parallel, ckpt: checkpointing.Checkpoints, config: Any):
-  """(placed state, step, loop record): the newest good checkpoint, or a fresh state (from
-  config.init_from's weights, if given)."""
-  rng = jax.random.key(config.seed)
-  restored = ckpt.restore_latest_good(strategy.abstract_state(rng))
-  if restored is None:
-    return assembly.initial_state(strategy, config), 0, {}
-  step, state, loop = restored
-  logging.info('Resuming from the checkpoint at step %d.', step)
-  return strategy.replicate(state), step, loop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -90,16 +68,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with hosts.claim(workdir):  # a second run on it stops at once, naming this one
     ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
-      changes = _check_resume_config(config, workdir, ckpt)
-      state, step, loop = restore_or_init(run.strategy, ckpt, config)
+      changes = resume_config.check_resume(config, workdir, ckpt)
+      state, step, loop = assembly.restore_or_init(run.strategy, ckpt, config)
       # SIGTERM stopped the evaluation of this step: it runs first (see Preemption).
       pending_eval = bool(loop.get('pending_eval'))
       # (metrics.jsonl is read, and any bad line before its last reported, before anything
       # is written)
       writer = run_log.create_writer(workdir, step if step else None, pending_eval)
       try:
-        _record_config_changes(workdir, changes)
-        save_config(config, workdir, run.cpu_kernels_used)
+        resume_config.record_changes(workdir, changes)
+        resume_config.save_config(config, workdir, run.cpu_kernels_used)
         result = _train(config, workdir, run, ckpt, writer, state, step, loop, pending_eval)
       except BaseException:
         _close_after_error(writer.close, 'the metric writers')
@@ -120,38 +98,6 @@ def _close_after_error(close: Any, what: str) -> None:
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Closing %s after the error below also failed: %s: %s', what,
                     type(e).__name__, str(e).splitlines()[0] if str(e) else '')
-
-
-def _check_resume_config(config: Any, workdir: epath.Path,
-                         ckpt: checkpointing.Checkpoints) -> dict[str, Any] | None:
-  """A resumed run trains what its checkpoints were trained for: a config that changes that
-  (model, data, batch size, optimizer, schedule, seed) stops with the differences unless
-  config.allow_resume_changes. Returns the record of the changes (None: none)."""
-  saved_path = workdir / 'config.json'
-  if not ckpt.steps() or not saved_path.exists():
-    return None
-  harmful, harmless = config_checks.resume_changes(paths.read_json(saved_path), config)
-  if harmful and not config.allow_resume_changes:
-    listed = '\n  '.join(f'config.{k}: {old!r} -> {new!r}' for k, (old, new) in harmful.items())
-    raise errors.ConfigError(
-        f'{workdir} was trained with another config; this one changes what is trained:\n  '
-        f'{listed}\nRerun with the config it was trained with (see {saved_path}), use a new '
-        'workdir, or add --config.allow_resume_changes=True to go on with these changes.')
-  changes = {**harmful, **harmless}
-  if changes:
-    log = logging.warning if harmful else logging.info
-    log('Resuming %s with config changes: %s', workdir,
-        '; '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items()))
-    return {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-            'after_step': ckpt.latest_step(),
-            'changes': {k: [old, new] for k, (old, new) in changes.items()}}
-  return None
-
-
-def _record_config_changes(workdir: epath.Path, record: dict[str, Any] | None) -> None:
-  """WORKDIR/config_changes.jsonl: one line per resume that changed the config."""
-  if record and jax.process_index() == 0:
-    paths.append_line(workdir / 'config_changes.jsonl', json.dumps(record))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -239,9 +239,9 @@ def _checkpoints_and_target(workdir, digits_dir):
 
 def test_restore_errors_that_are_not_damage_are_retried_and_move_nothing(
     trained, tmp_path, digits_dir, monkeypatch):
-  from resnet_jax import checkpointing
+  from resnet_jax import checkpoint_restore, checkpointing
   workdir = _copy(trained, tmp_path)
-  monkeypatch.setattr(checkpointing, 'RETRY_SECONDS', 0.01)
+  monkeypatch.setattr(checkpoint_restore, 'RETRY_SECONDS', 0.01)
   ckpt, target = _checkpoints_and_target(workdir, digits_dir)
   real_restore, calls = ocp.CheckpointManager.restore, []
 
@@ -258,7 +258,7 @@ def test_restore_errors_that_are_not_damage_are_retried_and_move_nothing(
       99, ValueError('UNAVAILABLE: Error reading: connection reset by peer')))
   with pytest.raises(checkpointing.CheckpointError,
                      match='step 12 .* after 3 attempts .*UNAVAILABLE.* Nothing was moved'):
-    ckpt.restore_latest_good(target)
+    checkpoint_restore.latest_good(ckpt, target)
   assert calls == [12, 12, 12]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '6']
   assert not (workdir / 'damaged_checkpoints').exists()
@@ -266,11 +266,11 @@ def test_restore_errors_that_are_not_damage_are_retried_and_move_nothing(
   calls.clear()
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', flaky(99, MemoryError()))
   with pytest.raises(checkpointing.CheckpointError, match='MemoryError'):
-    ckpt.restore_latest_good(target)
+    checkpoint_restore.latest_good(ckpt, target)
   # A transient failure that clears up: the newest checkpoint is restored.
   calls.clear()
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', flaky(2, TimeoutError('read timed out')))
-  step, _, _ = ckpt.restore_latest_good(target)
+  step, _, _ = checkpoint_restore.latest_good(ckpt, target)
   assert step == 12 and calls == [12, 12, 12]
   ckpt.close()
 
@@ -278,6 +278,7 @@ def test_restore_errors_that_are_not_damage_are_retried_and_move_nothing(
 @pytest.mark.parametrize('damage', ['truncated', 'garbled', 'missing'])
 def test_corrupt_checkpoint_content_is_moved_aside_with_the_reason(trained, tmp_path, digits_dir,
                                                                    damage):
+  from resnet_jax import checkpoint_restore
   workdir = _copy(trained, tmp_path)
   data_files = list((workdir / 'checkpoints' / '12' / 'state' / 'd').iterdir())
   assert data_files
@@ -290,7 +291,7 @@ def test_corrupt_checkpoint_content_is_moved_aside_with_the_reason(trained, tmp_
     else:
       path.unlink()
   ckpt, target = _checkpoints_and_target(workdir, digits_dir)
-  step, _, _ = ckpt.restore_latest_good(target)
+  step, _, _ = checkpoint_restore.latest_good(ckpt, target)
   ckpt.close()
   assert step == 6
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['6']

@@ -142,8 +142,8 @@ def test_sigterm_on_one_host_stops_both_at_one_step_then_they_resume_exactly(tmp
 FAIL_RESTORE = """
 import os
 import orbax.checkpoint as ocp
-from resnet_jax import checkpointing
-checkpointing.RETRY_SECONDS = 0.01
+from resnet_jax import checkpoint_restore
+checkpoint_restore.RETRY_SECONDS = 0.01
 if os.environ.get('FAIL_RESTORE'):
   def _fail(*args, **kwargs):
     raise ValueError('UNAVAILABLE: reading the bucket timed out (a test)')
