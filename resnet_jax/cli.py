@@ -39,7 +39,11 @@ def quiet_library_logs() -> None:
           str(record.exc_info[1]).splitlines() or [''])[0][:300] + ')'
       record.args, record.exc_info, record.exc_text = (), None, None
     return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _CHATTY)
-  absl_logging.get_absl_handler().addFilter(keep)
+  handler = absl_logging.get_absl_handler()
+  if any(getattr(f, 'quiets_libraries', False) for f in handler.filters):
+    return  # set already: a second run in this process (tests run several)
+  keep.quiets_libraries = True
+  handler.addFilter(keep)
 
   previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
 
