@@ -47,19 +47,18 @@ def eval_normalization(data_config: Any) -> device_augment.DeviceAugment:
   return normalization.device_augment(data_config, builder, train_split, seed=0)
 
 
-def inference_function(config: Any, variables: dict[str, Any],
+def inference_function(model_config: Any, image_size: int, variables: dict[str, Any],
                        normalize: device_augment.DeviceAugment) -> jax.export.Exported:
-  """uint8 images -> logits, with `normalize`'s statistics and `variables` baked in, for a
-  symbolic batch size."""
+  """uint8 images (image_size square) -> logits of config.model's net, with `normalize`'s
+  statistics and `variables` baked in, for a symbolic batch size."""
   num_classes = int(variables['params']['head']['bias'].shape[0])
-  model = models.create_model_from_config(config.model, num_classes,
-                                          **backend.model_defaults(config.model))
+  model = models.create_model_from_config(model_config, num_classes,
+                                          **backend.model_defaults(model_config))
   forward = jax.jit(
       lambda images: model.apply(variables, normalize.eval(images), train=False))
   batch, = jax.export.symbolic_shape('batch')
-  size = config.data.image_size
   return jax.export.export(forward, platforms=PLATFORMS)(
-      jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
+      jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8))
 
 
 def export_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dict[str, Any]:
@@ -73,7 +72,8 @@ def export_checkpoint(config: Any, workdir: str, which: str = 'latest') -> dict[
   normalize = eval_normalization(config.data)  # before the restore, which may take a while
   params, batch_stats = ckpt.restore_variables(step)
   ckpt.close()
-  exported = inference_function(config, {'params': params, 'batch_stats': batch_stats},
+  exported = inference_function(config.model, config.data.image_size,
+                                {'params': params, 'batch_stats': batch_stats},
                                 normalize)
   directory = paths.workdir_path(workdir) / 'export'
   directory.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,8 @@ def test_the_per_pixel_mean_and_the_imagenet_statistics_are_inside(trained, tmp_
   ckpt = checkpointing.Checkpoints(workdir)
   params, batch_stats = ckpt.restore_variables(ckpt.resolve('latest'))
   ckpt.close()
-  exported = export.inference_function(config, {'params': params, 'batch_stats': batch_stats},
+  exported = export.inference_function(config.model, config.data.image_size,
+                                       {'params': params, 'batch_stats': batch_stats},
                                        export.eval_normalization(config.data))
   imagenet = tmp_path / 'imagenet_mean_std.jax_exported'
   imagenet.write_bytes(exported.serialize())
