@@ -71,3 +71,13 @@ def gcs():
   emulator = gcs_emulator.GcsEmulator(buckets=('bucket',))
   yield emulator
   emulator.stop()
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory, digits_dir):
+  """A workdir trained for 12 steps on 8 devices, checkpoints at 6 and 12 (copy before changing)."""
+  workdir = tmp_path_factory.mktemp('trained')
+  from tests.support import helpers
+  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
+                 '--config.num_train_steps=12', *TRAIN)
+  return workdir
