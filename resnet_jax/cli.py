@@ -108,12 +108,18 @@ def restart_for_cpu_kernels(mode: str, config: ml_collections.ConfigDict) -> Non
   First thing in main: glibc reads the setting at start-up, and a process that
   has joined a multi-host run must not restart.
   """
-  from resnet_jax import backend  # pylint: disable=g-import-not-at-top
-  if mode not in ('train', 'eval', 'sweep', 'report'):
-    return
-  if backend.cpu_kernel_mode(config.cpu_kernels) != 'off' and backend.likely_cpu_only():
+  if restarts_for_cpu_kernels(mode, config):
     from resnet_jax.cpu import malloc  # pylint: disable=g-import-not-at-top
     malloc.reexec_with_huge_pages()
+
+
+def restarts_for_cpu_kernels(mode: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether restart_for_cpu_kernels restarts a run of `mode` with `config` (where the
+  malloc setting is not already in place)."""
+  from resnet_jax import backend  # pylint: disable=g-import-not-at-top
+  return (mode in ('train', 'eval', 'sweep', 'report')
+          and backend.cpu_kernel_mode(config.cpu_kernels) != 'off'
+          and backend.likely_cpu_only())
 
 
 def init_distributed(spec: str) -> None:

@@ -52,14 +52,19 @@ def photos_dir(tmp_path_factory):
   return data_dir
 
 
+def _train_run(tmp_path_factory, name, digits_dir, steps):
+  """A workdir trained through run.py with the TRAIN flags for `steps` steps on 8 devices."""
+  from tests.support import helpers
+  workdir = tmp_path_factory.mktemp(name)
+  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
+                 f'--config.num_train_steps={steps}', *TRAIN)
+  return workdir
+
+
 @pytest.fixture(scope='session')
 def straight(tmp_path_factory, digits_dir):
   """24 steps without interruption: what every interrupted run must reproduce exactly."""
-  from tests.support import helpers
-  workdir = tmp_path_factory.mktemp('straight')
-  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
-                 '--config.num_train_steps=24', *TRAIN)
-  return workdir
+  return _train_run(tmp_path_factory, 'straight', digits_dir, 24)
 
 
 @pytest.fixture(scope='session')
@@ -76,8 +81,4 @@ def gcs():
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory, digits_dir):
   """A workdir trained for 12 steps on 8 devices, checkpoints at 6 and 12 (copy before changing)."""
-  workdir = tmp_path_factory.mktemp('trained')
-  from tests.support import helpers
-  helpers.run_py(f'--workdir={workdir}', f'--config.data.data_dir={digits_dir}',
-                 '--config.num_train_steps=12', *TRAIN)
-  return workdir
+  return _train_run(tmp_path_factory, 'trained', digits_dir, 12)

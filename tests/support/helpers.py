@@ -44,17 +44,14 @@ def run_py(*args, env=None, prelude='', check=True, timeout=600):
   paths (tensorboardX uploads its gs:// event files once more at the process's exit, which
   must come while the GCS emulator is up).
   """
+  result = None
   if not env and not prelude and not any('gs://' in arg for arg in args):
     result = _run_py_here(args)
-    if result is not None:
-      if check and result.returncode != 0:
-        raise AssertionError(f'run.py {" ".join(args)} failed ({result.returncode}):\n'
-                             f'{result.stderr[-6000:]}')
-      return result
-  code = (f'{prelude}\nimport runpy, sys\nsys.argv = ["run.py"] + {list(args)!r}\n'
-          f'runpy.run_path({os.path.join(REPO, "run.py")!r}, run_name="__main__")\n')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+  if result is None:
+    code = (f'{prelude}\nimport runpy, sys\nsys.argv = ["run.py"] + {list(args)!r}\n'
+            f'runpy.run_path({os.path.join(REPO, "run.py")!r}, run_name="__main__")\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
   if check and result.returncode != 0:
     raise AssertionError(f'run.py {" ".join(args)} failed ({result.returncode}):\n'
                          f'{result.stderr[-6000:]}')
@@ -91,7 +88,7 @@ def _run_py_here(args):
   needs a process of its own (see run_py)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  from resnet_jax import backend, cli  # pylint: disable=import-outside-toplevel
+  from resnet_jax import cli  # pylint: disable=import-outside-toplevel
   argv = ['run.py', *args]
   out, err = io.StringIO(), io.StringIO()
   absl_logging.use_absl_handler()  # as app.run does: absl's log lines on stderr
@@ -107,10 +104,8 @@ def _run_py_here(args):
         module = _run_py_module(argv)
         argv = cli.parse_flags(argv)
         values = flags.FLAGS
-        if values['distributed'].value or (
-            values['mode'].value in ('train', 'eval', 'sweep', 'report')
-            and backend.cpu_kernel_mode(values['config'].value.cpu_kernels) != 'off'
-            and backend.likely_cpu_only()):
+        if values['distributed'].value or cli.restarts_for_cpu_kernels(
+            values['mode'].value, values['config'].value):
           return None  # it would restart itself (cli.restart_for_cpu_kernels) or join hosts
         module.main(argv)
       except SystemExit as e:
