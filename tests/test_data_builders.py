@@ -115,15 +115,3 @@ def test_per_pixel_mean_of_a_big_split_comes_from_its_first_examples(digits_dir,
   monkeypatch.setattr(normalization, 'MEAN_EXAMPLES', 10_000)  # the whole split: another file
   assert np.abs(normalization.per_pixel_mean(builder, 'train[37:]', 32) - mean).max() > 1e-4
   assert not [f for f in os.listdir(builder.data_dir) if '.tmp-' in f]  # written, then renamed
-
-
-def test_a_gs_data_dir_is_refused_with_what_to_do_instead():
-  """array_record reads local files only: a gs:// data_dir stops at start, not in a hang."""
-  builder = mock.Mock(data_dir='gs://bucket/tfds/imagenet2012/5.1.0',
-                      data_dir_root='gs://bucket/tfds')
-  builder.name = 'imagenet2012'
-  with pytest.raises(errors.DataError, match=re.escape(
-      'gs://bucket/tfds/imagenet2012/5.1.0: ArrayRecord files are read from local disk only. '
-      'Copy the data set once to the host (gcloud storage cp -r gs://bucket/tfds/imagenet2012 '
-      '/data/tfds/) or mount the bucket with gcsfuse')):
-    sources.open_source(builder, 'train')

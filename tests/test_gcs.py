@@ -1,9 +1,10 @@
-"""gs:// workdirs, for real: a GCS emulator on 127.0.0.1 reached through the same client stack
-as on a TPU VM (TensorFlow's GCS filesystem, tensorstore, google-cloud-storage).
+"""gs:// workdirs and data directories, for real: a GCS emulator on 127.0.0.1 reached through
+the same client stack as on a TPU VM (gcsfs or TensorFlow's GCS filesystem, tensorstore,
+google-cloud-storage, array_record's reader).
 
-Training checkpoints to the bucket, stops on SIGTERM and resumes exactly;
---mode=eval and a sweep with --mode=report work on the same bucket; nothing
-lands on the local disk.
+Training reads its data set from the bucket, checkpoints to the bucket, stops
+on SIGTERM and resumes exactly; --mode=eval and a sweep with --mode=report work
+on the same bucket; nothing lands on the local disk.
 """
 import json
 import os
@@ -32,8 +33,11 @@ def test_a_run_on_gs_resumes_exactly_then_evaluates_and_a_sweep_reports(
   local = tmp_path / 'cwd'
   local.mkdir()
   monkeypatch.chdir(local)  # a gs:// path mistaken for a local one would land here
-  workdir = 'gs://bucket/run'
-  args = [f'--config.data.data_dir={digits_dir}', '--config.num_train_steps=24', *TRAIN]
+  workdir, data_dir = 'gs://bucket/run', 'gs://bucket/tfds'
+  for path in epath.Path(digits_dir).glob('sklearn_digits/*/*'):
+    if not path.name.startswith('resnet_jax_pixel_mean'):  # the run computes its own
+      (epath.Path(data_dir) / path.relative_to(digits_dir)).write_bytes(path.read_bytes())
+  args = [f'--config.data.data_dir={data_dir}', '--config.num_train_steps=24', *TRAIN]
   process = _start(workdir, args)
   metrics = epath.Path(workdir) / 'metrics.jsonl'
   _wait_for(process, lambda: metrics.exists() and '"train_loss"' in metrics.read_text())
@@ -58,7 +62,7 @@ def test_a_run_on_gs_resumes_exactly_then_evaluates_and_a_sweep_reports(
 
   sweep_dir = 'gs://bucket/sweep'
   helpers.run_py('--mode=sweep', f'--config={sweep_file}', f'--workdir={sweep_dir}',
-                 f'--config.data.data_dir={digits_dir}')
+                 f'--config.data.data_dir={data_dir}')
   helpers.run_py('--mode=report', f'--workdir={sweep_dir}')
   objects = set(gcs_env.objects())
   for name in ('curves.png', 'layer_responses.png', 'layer_gradients.png', 'layer_analysis.json',
@@ -68,4 +72,5 @@ def test_a_run_on_gs_resumes_exactly_then_evaluates_and_a_sweep_reports(
   for name in ('config.json', 'metrics.jsonl', 'eval_results.json', 'checkpoints/24/state/_METADATA'):
     assert f'run/{name}' in objects
   assert any(o.startswith('run/events.out.tfevents') for o in objects)  # TensorBoard
+  assert any(o.startswith('tfds/sklearn_digits/1.0.0/resnet_jax_pixel_mean_') for o in objects)
   assert os.listdir(local) == [] and not os.path.exists(os.path.join(helpers.REPO, 'gs:'))

@@ -4,6 +4,10 @@ Images stay encoded (`SkipDecoding`): the host decodes each one with Pillow
 exactly as far as its crop needs (`image_ops.py`). A record or image that
 cannot be read stops the run with its tfds key, the same name tfds gives it
 (`<file>__<index in file>`), so the user can find and replace it.
+
+A `gs://` data_dir is read in place: array_record's reader opens gs:// files
+itself (through google-cloud-cpp and the host's default credentials), and tfds
+reads the data set's metadata through etils `epath`.
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from resnet_jax import errors
-from resnet_jax import paths
 from resnet_jax.data import builders
 
 
@@ -66,13 +69,6 @@ class Source:
 
 def open_source(builder: tfds.core.DatasetBuilder, split: str) -> Source:
   """The records of `split` (slices such as 'train[:5000]' allowed)."""
-  if paths.is_remote(builder.data_dir):
-    # array_record's pip build reads local files only (a gs:// file hangs its reader).
-    raise errors.DataError(
-        f'{builder.data_dir}: ArrayRecord files are read from local disk only. Copy the data '
-        f'set once to the host (gcloud storage cp -r {builder.data_dir_root}/{builder.name} '
-        '/data/tfds/) or mount the bucket with gcsfuse, and pass that path as '
-        '--config.data.data_dir.')
   image_key, label_key = builders.image_and_label_keys(builder)
   source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
   files = tuple((f.filename, f.skip, f.take)

@@ -10,6 +10,8 @@ variables only (`GcsEmulator.env`):
   *.googleapis.com with a throw-away certificate and replays each request on
   the emulator. GOOGLE_AUTH_TOKEN_FOR_TESTING gives TF a fixed token.
 - tensorstore (orbax's array data): TENSORSTORE_GCS_HTTP_URL.
+- array_record's reader (gs:// data directories; google-cloud-cpp):
+  CLOUD_STORAGE_EMULATOR_ENDPOINT.
 - google-cloud-storage (orbax checks the bucket type with it; tensorboardX writes
   event files with it): STORAGE_EMULATOR_HOST.
 - gcsfs (etils epath without TensorFlow): STORAGE_EMULATOR_HOST, and anonymous access
@@ -226,6 +228,7 @@ class GcsEmulator:
         'NO_GCE_CHECK': 'true',
         'GCS_STAT_CACHE_MAX_AGE': '0',
         'TENSORSTORE_GCS_HTTP_URL': url,
+        'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,  # array_record's reader
         'STORAGE_EMULATOR_HOST': url,  # google-cloud-storage, tensorboardX and gcsfs
         'FSSPEC_GCS_TOKEN': 'anon',  # gcsfs (epath without TensorFlow): the emulator needs none
         # gcsfs' zonal-bucket support asks the bucket's type over gRPC, which the emulator lacks.
