@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import helpers
 
-from tests.conftest import TRAIN
+from tests.conftest import DEVICES, TRAIN
 RESULT_KEYS = ('train_', 'eval_', 'learning_rate')
 
 
@@ -167,11 +167,11 @@ def test_keeps_the_last_k_and_the_best(tmp_path, digits_dir):
   assert json.loads(out[out.index('{'):])['step'] == best
 
 
-@pytest.mark.parametrize('train_devices,eval_devices', [(8, 1), (1, 8)])
+@pytest.mark.parametrize('train_devices,eval_devices', [(DEVICES, 1), (1, DEVICES)])
 def test_eval_restores_on_another_device_count(trained, tmp_path, digits_dir, train_devices,
                                                eval_devices):
   flags = lambda n: {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
-  if train_devices == 8:
+  if train_devices == DEVICES:  # the conftest's
     workdir = _copy(trained, tmp_path)
   else:
     workdir = tmp_path

@@ -9,6 +9,7 @@ import pytest
 from resnet_jax import assembly, models, steps
 from resnet_jax.data import device_augment as augment
 from resnet_jax.data import image_ops
+from tests.conftest import DEVICES
 from tests.support import helpers
 
 # AlexNet's PCA of ImageNet RGB on the [0, 1] scale, as fb.resnet.torch publishes it: the
@@ -80,7 +81,7 @@ def test_augmentation_depends_on_seed_step_and_example_only():
 
 def test_jit_and_pmap_augment_the_same_examples_alike():
   """Under pmap each device's examples keep their place in the global batch."""
-  assert jax.device_count() == 8
+  assert jax.device_count() == DEVICES
   config = helpers.small_config(batch_size=16)
   aug = augment.DeviceAugment(mean=np.full(3, 0.5, np.float32), crop_padding=2, flip=True,
                               pca_lighting=0.1, seed=2)

@@ -1,4 +1,4 @@
-"""A real multi-host run: 2 processes on 127.0.0.1 with 4 CPU devices each."""
+"""A real multi-host run: 2 processes on 127.0.0.1 with 2 CPU devices each."""
 import json
 import os
 import re
@@ -34,13 +34,13 @@ def _free_port():
 
 
 def _start_hosts(workdir, *args, host_env=({}, {}), prelude=''):
-  """run.py as 2 processes on 127.0.0.1 with 4 CPU devices each (logs in files: no pipe fills)."""
+  """run.py as 2 processes on 127.0.0.1 with 2 CPU devices each (logs in files: no pipe fills)."""
   port = _free_port()
   code = (f'{prelude}\nimport runpy, sys\nsys.argv = ["run.py"] + sys.argv[1:]\n'
           f'runpy.run_path({os.path.join(helpers.REPO, "run.py")!r}, run_name="__main__")\n')
   hosts = []
   for i in range(2):
-    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', **host_env[i]}
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', **host_env[i]}
     log = open(f'{workdir}.host{i}.{time.monotonic_ns()}.log', 'w+')  # pylint: disable=consider-using-with
     hosts.append((subprocess.Popen(
         [sys.executable, '-c', code, f'--workdir={workdir}', *args,
@@ -61,7 +61,20 @@ def _finish(hosts, check=True):
   return logs
 
 
-def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_path, digits_dir):
+FAIL_RESTORE = """
+import os
+import orbax.checkpoint as ocp
+from resnet_jax import checkpoint_restore
+checkpoint_restore.RETRY_SECONDS = 0.01
+if os.environ.get('FAIL_RESTORE'):
+  def _fail(*args, **kwargs):
+    raise ValueError('UNAVAILABLE: reading the bucket timed out (a test)')
+  ocp.CheckpointManager.restore = _fail
+"""
+
+
+def test_two_hosts_train_like_one_host_their_checkpoint_restores_in_one_and_a_failed_restore_stops_both(
+    tmp_path, digits_dir):
   data = f'--config.data.data_dir={digits_dir}'
   multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'
   logs = _finish(_start_hosts(multi, data, *ARGS))
@@ -71,7 +84,7 @@ def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_
   assert ('Host 1 of 2 trains on rows (8, 16) of each global batch of sklearn_digits train and '
           'evaluates on its part 2 of 2 of test') in logs[1]
 
-  helpers.run_py(f'--workdir={single}', data, *ARGS)  # 1 process x 8 devices (conftest)
+  helpers.run_py(f'--workdir={single}', data, *ARGS)  # 1 process x 4 devices (conftest)
   step, two = saved_state(multi)
   _, one = saved_state(single)
   assert step == 3
@@ -95,6 +108,18 @@ def test_two_hosts_train_like_one_host_and_their_checkpoint_restores_in_one(tmp_
   final = [line for line in results(multi) if 'eval_top1_error' in line][-1]
   assert result['step'] == 3 and result['num_devices'] == 1
   assert np.isclose(result['top1_error'], final['eval_top1_error'])
+
+  # A restore that fails on one host (a bucket timing out) stops every host; nothing is moved.
+  hosts = _start_hosts(multi, data, *ARGS[1:], '--config.num_train_steps=6',
+                       prelude=FAIL_RESTORE, host_env=({}, {'FAIL_RESTORE': '1'}))
+  logs = _finish(hosts, check=False)
+  assert [process.returncode for process, _ in hosts] == [1, 1], logs[1][-3000:]
+  for log in logs:
+    assert 'Could not restore the checkpoint at step 3' in log and 'Nothing was moved' in log
+  assert 'UNAVAILABLE: reading the bucket timed out' in logs[1]
+  assert 'it failed on another host' in logs[0]
+  assert os.listdir(multi / 'checkpoints') == ['3']
+  assert not (multi / 'damaged_checkpoints').exists()
 
 
 def _preempt(hosts, ready):
@@ -139,31 +164,3 @@ def test_sigterm_on_one_host_stops_both_at_one_step_then_they_resume_exactly(tmp
   assert last == 12
   assert_same_state(resumed, expected)
   assert results(workdir) == results(straight)
-
-
-FAIL_RESTORE = """
-import os
-import orbax.checkpoint as ocp
-from resnet_jax import checkpoint_restore
-checkpoint_restore.RETRY_SECONDS = 0.01
-if os.environ.get('FAIL_RESTORE'):
-  def _fail(*args, **kwargs):
-    raise ValueError('UNAVAILABLE: reading the bucket timed out (a test)')
-  ocp.CheckpointManager.restore = _fail
-"""
-
-
-def test_a_restore_that_fails_on_one_host_stops_every_host_and_moves_nothing(tmp_path, digits_dir):
-  args = [f'--config.data.data_dir={digits_dir}', *ARGS[1:], '--config.num_train_steps=2',
-          '--config.checkpoint_every_steps=2', '--config.eval_every_steps=2']
-  _finish(_start_hosts(tmp_path, *args))
-  hosts = _start_hosts(tmp_path, *args[:-3], '--config.num_train_steps=4', prelude=FAIL_RESTORE,
-                       host_env=({}, {'FAIL_RESTORE': '1'}))
-  logs = _finish(hosts, check=False)
-  assert [process.returncode for process, _ in hosts] == [1, 1], logs[1][-3000:]
-  for log in logs:
-    assert 'Could not restore the checkpoint at step 2' in log and 'Nothing was moved' in log
-  assert 'UNAVAILABLE: reading the bucket timed out' in logs[1]
-  assert 'it failed on another host' in logs[0]
-  assert os.listdir(tmp_path / 'checkpoints') == ['2']
-  assert not (tmp_path / 'damaged_checkpoints').exists()

@@ -122,7 +122,7 @@ def test_describe_prints_layers_params_and_multiply_adds():
     (['--config.model.name=resnet21'], 'Unknown model .resnet21.. Valid names: resnet20'),
     (['--config.model.shortcut=B', '--config.model.name=plain20'],
      "Option 'shortcut' does not apply to plain20"),
-    (['--config.batch_size=20'], 'batch_size=20 is not divisible by the 8 devices'),
+    (['--config.batch_size=18'], 'batch_size=18 is not divisible by the 4 devices'),
     (['--config.data.eval_split=validation'],
      "sklearn_digits has no split 'validation'. Available splits: test, train"),
     (['--config.data.name=no_such_data'], "Unknown data set 'no_such_data'"),

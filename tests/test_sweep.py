@@ -28,57 +28,6 @@ def get_sweep():
 '''
 
 
-def test_sweep_then_report(tmp_path, digits_dir):
-  sweep_file = tmp_path / 'tiny_sweep.py'
-  sweep_file.write_text(SWEEP)
-  workdir = tmp_path / 'sweep'
-  args = ['--mode=sweep', f'--config={sweep_file}', f'--workdir={workdir}',
-          f'--config.data.data_dir={digits_dir}']
-  out = helpers.run_py(*args)
-  assert '| plain20 | finished | 4 |' in out.stdout and '| resnet20 | finished | 4 |' in out.stdout
-  for member in ('plain20', 'resnet20'):
-    with open(workdir / member / 'config.json') as f:
-      assert json.load(f)['model']['name'] == member
-    assert sorted(os.listdir(workdir / member / 'checkpoints')) == ['2', '4']
-  with open(workdir / 'summary.csv') as f:
-    rows = f.read().splitlines()
-  assert rows[0] == ('member,model,status,steps,train_error,test_error,best_test_error,'
-                     'steps_to_50,steps_to_25,steps_to_15')
-  assert [r.split(',')[0] for r in rows[1:]] == ['plain20', 'resnet20']
-  summary = (workdir / 'summary.md').read_text()
-
-  # Rerunning skips the finished members and changes nothing.
-  before = {m: (workdir / m / 'metrics.jsonl').read_text() for m in ('plain20', 'resnet20')}
-  out = helpers.run_py(*args)
-  assert out.stderr.count('finished earlier; skipped') == 2
-  assert {m: (workdir / m / 'metrics.jsonl').read_text() for m in before} == before
-  assert (workdir / 'summary.md').read_text() == summary
-
-  out = helpers.run_py('--mode=report', f'--workdir={workdir}')
-  for name in ('curves.png', 'layer_responses.png', 'layer_gradients.png', 'summary.md',
-               'summary.csv'):
-    assert (workdir / name).stat().st_size > 0
-    assert (workdir / name).read_bytes()[:4] == b'\x89PNG' or not name.endswith('.png')
-  with open(workdir / 'layer_analysis.json') as f:
-    analyses = json.load(f)
-  # The stem and the 18 3x3 convs of the blocks: 19 layers for a 20-layer net, each with its
-  # responses (eval and train mode) and gradient norms, at initialisation and at the end.
-  assert sorted(analyses) == ['plain20', 'resnet20']
-  for result in analyses.values():
-    for when in ('init', 'final'):
-      figures = result[when]
-      assert figures['layers'][:2] == ['stem_bn', 'stage1_block1/bn1']
-      for key in ('response_std_eval', 'response_std_train', 'output_gradient_norm',
-                  'kernel_gradient_norm'):
-        assert len(figures[key]) == 19 and min(figures[key]) > 0, key
-      # Train mode normalises with the batch's own statistics: std about the BN scale, 1
-      # at initialisation.
-      if when == 'init':
-        np.testing.assert_allclose(figures['response_std_train'], 1.0, atol=0.02)
-    assert result['init']['output_gradient_norm'] != result['final']['output_gradient_norm']
-  assert (workdir / 'summary.md').read_text() == summary
-
-
 def test_a_preempted_sweep_stops_and_a_failed_member_does_not(tmp_path, monkeypatch):
   from configs import default
   from resnet_jax import train
@@ -111,12 +60,17 @@ def test_a_preempted_sweep_stops_and_a_failed_member_does_not(tmp_path, monkeypa
 
 @pytest.mark.parametrize('name,first,count', [
     ('resnet18', 'stage1_block1/bn1', 16),  # not the 7x7 stem
-    ('resnet50', 'stage1_block1/bn2', 16),  # only each bottleneck's 3x3 conv
+    # ResNet-50's bottleneck blocks, one per stage (at a tenth of ResNet-50's compile):
+    ('bottleneck', 'stage1_block1/bn2', 4),  # only each bottleneck's 3x3 conv
 ])
 def test_layer_analysis_covers_the_3x3_layers_only(name, first, count):
-  from resnet_jax import analysis, models  # pylint: disable=import-outside-toplevel
+  from resnet_jax import analysis  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  model = models.create_model(name, 5)
+  if name == 'bottleneck':
+    model = models.ResNet(stage_sizes=(1, 1, 1, 1), widths=models.IMAGENET_WIDTHS,
+                          block_cls=models.BottleneckBlock, stem='imagenet', num_classes=5)
+  else:
+    model = models.create_model(name, 5)
   images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
   variables = model.init(jax.random.key(0), images, train=False)
   figures = analysis.analyse(model, variables, images, np.arange(4) % 5)
@@ -162,19 +116,29 @@ def test_shipped_sweeps_resolve_to_valid_members(name):
         [0.1, 0.1, 0.01, 0.01, 0.001])
 
 
-THREE_MEMBERS = SWEEP.replace("'resnet20'}]", "'resnet20'}, {'model.name': 'resnet32'}]")
+# A third member with its own seed: three members for two processes, two compiled nets.
+THREE_MEMBERS = SWEEP.replace(
+    "return [{'model.name': 'plain20'}, {'model.name': 'resnet20'}]",
+    "return {'plain20': {'model.name': 'plain20'}, 'resnet20': {'model.name': 'resnet20'},\n"
+    "          'resnet20-seed1': {'model.name': 'resnet20', 'seed': 1}}")
+MEMBERS = {'plain20': ('plain20', 0), 'resnet20': ('resnet20', 0), 'resnet20-seed1': ('resnet20', 1)}
 
 
 @pytest.mark.parametrize('where', ['local', 'gs'])
-def test_two_processes_share_one_sweep_each_member_trained_once(where, request, tmp_path,
-                                                                digits_dir, monkeypatch):
+def test_two_processes_share_one_sweep_then_a_rerun_skips_it_and_report_draws_it(
+    where, request, tmp_path, digits_dir, monkeypatch):
   """The same sweep command started twice at once: the members are claimed through their
   workdirs' locks, each is trained by exactly one process, and both summaries end complete
-  (the last to finish writes after every member is done)."""
+  (the last to finish writes after every member is done). Rerunning it skips the finished
+  members and changes nothing; --mode=report draws the curves and the layer analysis.
+  On gs://, nothing lands on the local disk."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   from etils import epath  # pylint: disable=import-outside-toplevel
   env = {}
+  local = tmp_path / 'cwd'
+  local.mkdir()
+  monkeypatch.chdir(local)  # a gs:// path mistaken for a local one would land here
   if where == 'gs':
     env = request.getfixturevalue('gcs').env
     for key, value in env.items():  # this process reads the results back from the bucket
@@ -182,6 +146,7 @@ def test_two_processes_share_one_sweep_each_member_trained_once(where, request, 
     workdir = 'gs://bucket/shared_sweep'
   else:
     workdir = str(tmp_path / 'sweep')
+  path = lambda name: epath.Path(workdir) / name
   sweep_file = tmp_path / 'sweep3.py'
   sweep_file.write_text(THREE_MEMBERS)
   args = ['--mode=sweep', f'--config={sweep_file}', f'--workdir={workdir}',
@@ -196,14 +161,49 @@ def test_two_processes_share_one_sweep_each_member_trained_once(where, request, 
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
   stderr = ''.join(err for _, err in outputs)
-  members = ('plain20', 'resnet20', 'resnet32')
-  for member in members:
+  for member in MEMBERS:
     # Trained once: one process's lines, none resumed or re-ran it.
-    lines = helpers.read_jsonl(f'{workdir}/{member}/metrics.jsonl')
+    lines = helpers.read_jsonl(path(f'{member}/metrics.jsonl'))
     assert [line['step'] for line in lines if 'train_loss' in line] == [2, 4], member
-    assert epath.Path(f'{workdir}/{member}/DONE').exists()
+    assert path(f'{member}/DONE').exists()
+    config = json.loads(path(f'{member}/config.json').read_text())
+    assert (config['model']['name'], config['seed']) == MEMBERS[member]
+    assert sorted(p.name for p in path(f'{member}/checkpoints').iterdir()) == ['2', '4']
   assert 'is already trained' not in stderr and 'Resuming from' not in stderr, stderr[-3000:]
   assert stderr.count('is in use by another run') >= 1  # they met at least once
-  summary = epath.Path(f'{workdir}/summary.md').read_text()
-  for member in members:
+  summary = path('summary.md').read_text()
+  for member in MEMBERS:
     assert f'| {member} | finished | 4 |' in summary, summary
+  rows = path('summary.csv').read_text().splitlines()
+  assert rows[0] == ('member,model,status,steps,train_error,test_error,best_test_error,'
+                     'steps_to_50,steps_to_25,steps_to_15')
+  assert [r.split(',')[0] for r in rows[1:]] == list(MEMBERS)
+
+  # Rerunning skips the finished members and changes nothing.
+  before = {m: path(f'{m}/metrics.jsonl').read_text() for m in MEMBERS}
+  out = helpers.run_py(*args)
+  assert out.stderr.count('finished earlier; skipped') == 3
+  assert {m: path(f'{m}/metrics.jsonl').read_text() for m in MEMBERS} == before
+  assert path('summary.md').read_text() == summary
+
+  helpers.run_py('--mode=report', f'--workdir={workdir}')
+  for name in ('curves.png', 'layer_responses.png', 'layer_gradients.png'):
+    assert path(name).read_bytes()[:4] == b'\x89PNG'
+  analyses = json.loads(path('layer_analysis.json').read_text())
+  # The stem and the 3x3 convs of the blocks (19 layers for a 20-layer net), each with its
+  # responses (eval and train mode) and gradient norms, at initialisation and at the end.
+  assert sorted(analyses) == sorted(MEMBERS)
+  for result in analyses.values():
+    for when in ('init', 'final'):
+      figures = result[when]
+      assert figures['layers'][:2] == ['stem_bn', 'stage1_block1/bn1']
+      for key in ('response_std_eval', 'response_std_train', 'output_gradient_norm',
+                  'kernel_gradient_norm'):
+        assert len(figures[key]) == 19 and min(figures[key]) > 0, key
+      # Train mode normalises with the batch's own statistics: std about the BN scale, 1
+      # at initialisation.
+      if when == 'init':
+        np.testing.assert_allclose(figures['response_std_train'], 1.0, atol=0.02)
+    assert result['init']['output_gradient_norm'] != result['final']['output_gradient_norm']
+  assert path('summary.md').read_text() == summary
+  assert os.listdir(local) == [] and not os.path.exists(os.path.join(helpers.REPO, 'gs:'))

@@ -20,6 +20,7 @@ from resnet_jax import optim
 from resnet_jax import run_log
 from resnet_jax import steps
 from resnet_jax import train
+from tests.conftest import DEVICES
 from tests.support import helpers
 
 SHAPE = (16, 16, 3)
@@ -82,7 +83,7 @@ def test_jit_and_pmap_give_the_same_numbers(bn_group_size):
   of a tiny net on noise drift apart after a few steps whatever the code does
   (a ReLU input within rounding of zero flips), which would test luck, not code.
   """
-  assert jax.device_count() == 8
+  assert jax.device_count() == DEVICES
   batches = _batches(4, 16, seed=1)
   configs = {mode: helpers.small_config(parallel=mode, batch_size=16,
                                         **{'model.bn_group_size': bn_group_size})
