@@ -57,12 +57,12 @@ BUNDLED = ('tensorflow-datasets', 'tensorflow-metadata', 'grain', 'array-record'
            'ml-collections', 'tensorboardX', 'promise', 'six', 'immutabledict', 'dm-tree',
            'cloudpickle', 'flatbuffers', 'termcolor', 'toml', 'tqdm', 'wrapt', 'simplejson',
            'portpicker', 'googleapis-common-protos', 'requests', 'urllib3', 'idna',
-           'certifi', 'charset-normalizer', 'attrs', 'importlib_resources')
+           'certifi', 'charset-normalizer', 'attrs', 'importlib_resources', 'simplejpeg')
 PURE_SOURCE_ONLY = ('promise',)  # no wheel on PyPI: built here (pure Python: any host)
 # Imported before any device time is spent: a missing one is named at once.
 REQUIRED_MODULES = ('jax', 'flax', 'optax', 'orbax.checkpoint', 'PIL', 'cv2',
                     'tensorflow_datasets', 'grain', 'array_record', 'clu.metrics',
-                    'ml_collections', 'tensorboardX')
+                    'ml_collections', 'tensorboardX', 'simplejpeg')
 
 
 def bundle(out: str, python: str) -> None:

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
+import simplejpeg
 
 from resnet_jax.data import image_ops as ops
 from resnet_jax.datasets import sample_imagenet
@@ -171,6 +172,33 @@ def test_a_jpeg_whose_sides_the_dct_factor_does_not_divide_is_not_stretched(phot
     errors.append(np.abs(got - want).mean())
   assert factors == [8, 8]
   assert errors[1] < errors[0] + 1.0, errors  # today: 9.4 against 4.9
+
+
+def test_colour_jpegs_decode_through_simplejpeg_to_pillows_pixels(photos, monkeypatch):
+  """simplejpeg decodes colour JPEGs at the DCT factor Pillow's draft picks, to exactly
+  Pillow's pixels; CMYK and grey JPEGs, and any JPEG simplejpeg refuses, go to Pillow."""
+  calls = []
+  decode_jpeg = simplejpeg.decode_jpeg
+  monkeypatch.setattr(simplejpeg, 'decode_jpeg',
+                      lambda *args, **kwargs: calls.append(kwargs) or decode_jpeg(*args, **kwargs))
+  data = _encode(_view(photos[4], 2400, 1600))
+  for side in (1600, 480, 256, 128):  # DCT factors 1, 2, 4 and 8
+    scaled = ops.scaled_shape((1600, 2400), side)
+    image = Image.open(io.BytesIO(data))
+    image.draft('RGB', (scaled[1], scaled[0]))
+    want = np.asarray(image.convert('RGB'))
+    np.testing.assert_array_equal(ops.decode(ops.open_image(data), data, scaled)[0], want)
+  assert [(c['min_height'], c['min_width']) for c in calls] == [
+      (1600, 2400), (800, 1200), (400, 600), (200, 300)]
+  array = _view(photos[4], 300, 250)
+  for kind in ('cmyk_jpeg', 'grey_jpeg'):
+    ops.center_crop_of_resized(_kinds(array)[kind](), 224, 256)
+  assert len(calls) == 4  # Pillow decoded those
+
+  def refuse(*args, **kwargs):
+    raise ValueError('Corrupt JPEG data: 1 extraneous bytes before marker 0xd9')
+  monkeypatch.setattr(simplejpeg, 'decode_jpeg', refuse)
+  np.testing.assert_array_equal(ops.decode(ops.open_image(data), data)[0], _decode(data))
 
 
 def _kinds(array):

@@ -3,7 +3,7 @@
 - `builders.py`: which data set, prepared (as ArrayRecord) where; splits and sizes.
 - `convert.py`: a data set prepared as TFRecord -> ArrayRecord, in place.
 - `sources.py`: random access to a split's records; errors that name the record.
-- `image_ops.py`: decoding, crops and resizes on the host (Pillow, crop first).
+- `image_ops.py`: decoding, crops and resizes on the host (simplejpeg, Pillow, crop first).
 - `host_preprocess.py`: the host's part of the configured augmentation and eval crops.
 - `inputs.py`: Input (splits, batch sizes, this host's rows), resource checks, seeds, and
   the grain loader that train_stream and eval_stream share.

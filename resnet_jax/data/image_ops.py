@@ -1,6 +1,8 @@
 """Small, pure image ops for the host: encoded bytes or uint8 arrays in, uint8 HWC out.
 
-Pillow (built on libjpeg-turbo) decodes; every resize is one affine warp
+simplejpeg decodes colour JPEGs (libjpeg-turbo, 1.6x Pillow's rate:
+docs/performance.md) and Pillow everything else (PNG, CMYK and grey JPEGs,
+and any file simplejpeg finds fault with); every resize is one affine warp
 (OpenCV) with bilinear sampling at half-integer pixel centres and no
 antialiasing (what tf.image.resize and the standard ImageNet recipes do).
 A crop of a resized image is therefore the same transform restricted to the
@@ -17,6 +19,7 @@ import math
 import cv2
 import numpy as np
 from PIL import Image
+import simplejpeg
 
 # ImageNet RGB statistics on the [0, 1] scale (fb.resnet.torch).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,21 +50,39 @@ def _rgb(image: Image.Image) -> Image.Image:
   return image if image.mode == 'RGB' else image.convert('RGB')
 
 
-def resample(image: Image.Image, out_shape: tuple[int, int], scaled: tuple[float, float],
-             top: float = 0, left: float = 0) -> np.ndarray:
-  """The `out_shape` crop at (top, left) of `image` resized to `scaled` (height, width),
-  sampling only the crop: uint8 RGB.
+def decode(image: Image.Image, data: bytes | np.ndarray, scaled: tuple[float, float] | None = None
+           ) -> tuple[np.ndarray, tuple[float, float]]:
+  """`image` (opened from `data`) decoded to uint8 RGB, a JPEG at the largest DCT factor
+  (1, 1/2, 1/4, 1/8) that keeps it at least `scaled` (height, width) if given, and the
+  decoded image's exact size: a factor that does not divide a side gives a last row or
+  column that is only partly image (1601 / 8 = 200.125 is decoded as 201)."""
+  size = image_shape(image)
+  if image.format != 'JPEG':
+    return np.asarray(_rgb(image)), size
+  if scaled is not None:
+    # Pillow's draft picks the factor, and sizes the image as the decoder will.
+    drafted = image.draft('RGB', (math.ceil(scaled[1]), math.ceil(scaled[0])))
+    if drafted:
+      size = (drafted[1][3], drafted[1][2])
+  if image.mode == 'RGB':  # a colour JPEG (YCbCr or RGB); CMYK and grey stay with Pillow
+    height, width = image_shape(image)  # the drafted size, rounded up
+    try:
+      return simplejpeg.decode_jpeg(data, 'RGB', min_height=height, min_width=width), size
+    except ValueError:
+      pass  # e.g. truncated: Pillow decodes what it can read, or names the fault
+  return np.asarray(_rgb(image)), size
+
+
+def resample(image: Image.Image, data: bytes | np.ndarray, out_shape: tuple[int, int],
+             scaled: tuple[float, float], top: float = 0, left: float = 0) -> np.ndarray:
+  """The `out_shape` crop at (top, left) of `image` (opened from `data`) resized to `scaled`
+  (height, width), sampling only the crop: uint8 RGB.
 
   For a JPEG the decoder first reduces the image by the largest DCT factor
   that keeps it at least `scaled`: a factor of r averages r x r blocks, and
   the sampling positions are mapped onto the reduced image.
   """
-  reduced = image_shape(image)
-  if image.format == 'JPEG':
-    # draft's box is the exact reduced size (the decoder rounds the image's up).
-    drafted = image.draft('RGB', (math.ceil(scaled[1]), math.ceil(scaled[0])))
-    if drafted:
-      reduced = (drafted[1][3], drafted[1][2])
+  pixels, reduced = decode(image, data, scaled)
   scale_y, scale_x = reduced[0] / scaled[0], reduced[1] / scaled[1]
   # Output pixel x (centre x + 0.5) samples the resized image at left + x + 0.5, which is
   # source position (left + x + 0.5) * scale, i.e. pixel index (left + x + 0.5) * scale - 0.5;
@@ -69,7 +90,7 @@ def resample(image: Image.Image, out_shape: tuple[int, int], scaled: tuple[float
   # Pillow's transform (docs/performance.md).
   matrix = np.array([[scale_x, 0, (left + 0.5) * scale_x - 0.5],
                      [0, scale_y, (top + 0.5) * scale_y - 0.5]], np.float64)
-  return cv2.warpAffine(np.asarray(_rgb(image)), matrix, (out_shape[1], out_shape[0]),
+  return cv2.warpAffine(pixels, matrix, (out_shape[1], out_shape[0]),
                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REPLICATE)
 
@@ -78,14 +99,14 @@ def resize(data: bytes | np.ndarray, size: int) -> np.ndarray:
   """The whole image resized to size x size (unchanged if it has that size): uint8 RGB."""
   image = open_image(data)
   if image_shape(image) == (size, size):
-    return np.asarray(_rgb(image))
-  return resample(image, (size, size), (size, size))
+    return decode(image, data)[0]
+  return resample(image, data, (size, size), (size, size))
 
 
 def resize_shorter_side(data: bytes | np.ndarray, side: int) -> np.ndarray:
   image = open_image(data)
   scaled = scaled_shape(image_shape(image), side)
-  return resample(image, scaled, scaled)
+  return resample(image, data, scaled, scaled)
 
 
 def sample_shorter_sides(rng: np.random.Generator, num: int | tuple[int, ...] | None,
@@ -107,7 +128,7 @@ def sample_scale_crop(rng: np.random.Generator, shape: tuple[int, int], size: in
 def scale_crop(data: bytes | np.ndarray, size: int, side: int, top: int, left: int) -> np.ndarray:
   """The size x size crop at (top, left) of the image resized to shorter side `side`."""
   image = open_image(data)
-  return resample(image, (size, size), scaled_shape(image_shape(image), side), top, left)
+  return resample(image, data, (size, size), scaled_shape(image_shape(image), side), top, left)
 
 
 def scale_augment(data: bytes | np.ndarray, size: int, min_side: int, max_side: int,
@@ -115,14 +136,14 @@ def scale_augment(data: bytes | np.ndarray, size: int, min_side: int, max_side: 
   """The paper's scale augmentation of one image, crop first: uint8 size x size."""
   image = open_image(data)
   side, top, left = sample_scale_crop(rng, image_shape(image), size, min_side, max_side)
-  return resample(image, (size, size), scaled_shape(image_shape(image), side), top, left)
+  return resample(image, data, (size, size), scaled_shape(image_shape(image), side), top, left)
 
 
 def center_crop_of_resized(data: bytes | np.ndarray, size: int, side: int) -> np.ndarray:
   """The centre size x size crop of the image resized to shorter side `side`, crop first."""
   image = open_image(data)
   height, width = scaled = scaled_shape(image_shape(image), side)
-  return resample(image, (size, size), scaled, (height - size) // 2, (width - size) // 2)
+  return resample(image, data, (size, size), scaled, (height - size) // 2, (width - size) // 2)
 
 
 def sample_inception_window(rng: np.random.Generator, shape: tuple[int, int],
@@ -146,8 +167,8 @@ def inception_crop(data: bytes | np.ndarray, size: int, rng: np.random.Generator
   height, width = image_shape(image)
   top, left, h, w = sample_inception_window(rng, (height, width))
   # The window resized to size x size is the crop at (top, left) * s of the image scaled by s.
-  return resample(image, (size, size), (height * size / h, width * size / w), top * size / h,
-                  left * size / w)
+  return resample(image, data, (size, size), (height * size / h, width * size / w),
+                  top * size / h, left * size / w)
 
 
 def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -178,7 +199,7 @@ def on_canvas(data: bytes | np.ndarray, side: int) -> tuple[np.ndarray, np.ndarr
   image = open_image(data)
   scaled = scaled_shape(image_shape(image), side)
   height, width = min(scaled[0], canvas), min(scaled[1], canvas)
-  crop = resample(image, (height, width), scaled, (scaled[0] - height) // 2,
+  crop = resample(image, data, (height, width), scaled, (scaled[0] - height) // 2,
                   (scaled[1] - width) // 2)
   out = np.zeros((canvas, canvas, 3), np.uint8)
   out[:height, :width] = crop

@@ -1,7 +1,7 @@
 """Random access to a split's records (tfds data sources), and errors that name the record.
 
-Images stay encoded (`SkipDecoding`): the host decodes each one with Pillow
-exactly as far as its crop needs (`image_ops.py`). A record or image that
+Images stay encoded (`SkipDecoding`): the host decodes each one (simplejpeg or
+Pillow) exactly as far as its crop needs (`image_ops.py`). A record or image that
 cannot be read stops the run with its tfds key, the same name tfds gives it
 (`<file>__<index in file>`), so the user can find and replace it.
 
