@@ -82,7 +82,26 @@ def gcs():
   emulator.stop()
 
 
+@pytest.fixture
+def gcs_env(gcs, monkeypatch):
+  """The emulator's variables in this process (to read back what runs write) and its children."""
+  for key, value in gcs.env.items():
+    monkeypatch.setenv(key, value)
+  return gcs
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+  """An empty working directory: a gs:// path mistaken for a local one would land in it
+  (check with helpers.nothing_written_locally)."""
+  local = tmp_path / 'cwd'
+  local.mkdir()
+  monkeypatch.chdir(local)
+  return local
+
+
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory, digits_dir):
-  """A workdir trained for 12 steps on DEVICES devices, checkpoints at 6 and 12 (copy before changing)."""
+  """A workdir trained for 12 steps on DEVICES devices, checkpoints at 6 and 12 (copy it
+  before changing it)."""
   return _train_run(tmp_path_factory, 'trained', digits_dir, 12)

@@ -7,29 +7,17 @@ on SIGTERM and resumes exactly, and --mode=eval works on the same bucket; nothin
 lands on the local disk. (Sweeps and reports on gs://: tests/test_sweep.py.)
 """
 import json
-import os
 import signal
 
-import pytest
 from etils import epath
 
 from tests.support import helpers
 from tests.conftest import TRAIN
 from tests.test_checkpoints import _start, _wait_for, assert_same_state, results, saved_state
 
-@pytest.fixture
-def gcs_env(gcs, monkeypatch):
-  """The emulator's variables in this process (read back what runs write) and its children."""
-  for key, value in gcs.env.items():
-    monkeypatch.setenv(key, value)
-  return gcs
-
 
 def test_a_run_on_gs_reads_its_data_there_resumes_exactly_and_evaluates(
-    gcs_env, tmp_path, digits_dir, straight, monkeypatch):
-  local = tmp_path / 'cwd'
-  local.mkdir()
-  monkeypatch.chdir(local)  # a gs:// path mistaken for a local one would land here
+    gcs_env, empty_cwd, digits_dir, straight):
   workdir, data_dir = 'gs://bucket/run', 'gs://bucket/tfds'
   for path in epath.Path(digits_dir).glob('sklearn_digits/*/*'):
     if not path.name.startswith('resnet_jax_pixel_mean'):  # the run computes its own
@@ -62,4 +50,4 @@ def test_a_run_on_gs_reads_its_data_there_resumes_exactly_and_evaluates(
     assert f'run/{name}' in objects
   assert any(o.startswith('run/events.out.tfevents') for o in objects)  # TensorBoard
   assert any(o.startswith('tfds/sklearn_digits/1.0.0/resnet_jax_pixel_mean_') for o in objects)
-  assert os.listdir(local) == [] and not os.path.exists(os.path.join(helpers.REPO, 'gs:'))
+  assert helpers.nothing_written_locally(empty_cwd)

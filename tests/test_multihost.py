@@ -73,7 +73,7 @@ if os.environ.get('FAIL_RESTORE'):
 """
 
 
-def test_two_hosts_train_like_one_host_their_checkpoint_restores_in_one_and_a_failed_restore_stops_both(
+def test_two_hosts_train_like_one_restore_in_one_and_stop_together_if_a_restore_fails(
     tmp_path, digits_dir):
   data = f'--config.data.data_dir={digits_dir}'
   multi, single = tmp_path / 'two_hosts', tmp_path / 'one_host'

@@ -121,12 +121,13 @@ THREE_MEMBERS = SWEEP.replace(
     "return [{'model.name': 'plain20'}, {'model.name': 'resnet20'}]",
     "return {'plain20': {'model.name': 'plain20'}, 'resnet20': {'model.name': 'resnet20'},\n"
     "          'resnet20-seed1': {'model.name': 'resnet20', 'seed': 1}}")
-MEMBERS = {'plain20': ('plain20', 0), 'resnet20': ('resnet20', 0), 'resnet20-seed1': ('resnet20', 1)}
+MEMBERS = {'plain20': ('plain20', 0), 'resnet20': ('resnet20', 0),  # (model, seed)
+           'resnet20-seed1': ('resnet20', 1)}
 
 
 @pytest.mark.parametrize('where', ['local', 'gs'])
 def test_two_processes_share_one_sweep_then_a_rerun_skips_it_and_report_draws_it(
-    where, request, tmp_path, digits_dir, monkeypatch):
+    where, request, tmp_path, digits_dir, empty_cwd):
   """The same sweep command started twice at once: the members are claimed through their
   workdirs' locks, each is trained by exactly one process, and both summaries end complete
   (the last to finish writes after every member is done). Rerunning it skips the finished
@@ -136,13 +137,8 @@ def test_two_processes_share_one_sweep_then_a_rerun_skips_it_and_report_draws_it
   import sys  # pylint: disable=import-outside-toplevel
   from etils import epath  # pylint: disable=import-outside-toplevel
   env = {}
-  local = tmp_path / 'cwd'
-  local.mkdir()
-  monkeypatch.chdir(local)  # a gs:// path mistaken for a local one would land here
   if where == 'gs':
-    env = request.getfixturevalue('gcs').env
-    for key, value in env.items():  # this process reads the results back from the bucket
-      monkeypatch.setenv(key, value)
+    env = request.getfixturevalue('gcs_env').env
     workdir = 'gs://bucket/shared_sweep'
   else:
     workdir = str(tmp_path / 'sweep')
@@ -206,4 +202,4 @@ def test_two_processes_share_one_sweep_then_a_rerun_skips_it_and_report_draws_it
         np.testing.assert_allclose(figures['response_std_train'], 1.0, atol=0.02)
     assert result['init']['output_gradient_norm'] != result['final']['output_gradient_norm']
   assert path('summary.md').read_text() == summary
-  assert os.listdir(local) == [] and not os.path.exists(os.path.join(helpers.REPO, 'gs:'))
+  assert helpers.nothing_written_locally(empty_cwd)

@@ -54,10 +54,7 @@ def place(request, tmp_path) -> Place:
         return None
     return Place(directory, write, read)
 
-  gcs = request.getfixturevalue('gcs')  # skips where the emulator cannot run
-  monkeypatch = request.getfixturevalue('monkeypatch')
-  for key, value in gcs.env.items():
-    monkeypatch.setenv(key, value)
+  request.getfixturevalue('gcs_env')  # skips where the emulator cannot run
   from google.cloud import storage  # pylint: disable=import-outside-toplevel
   prefix = f'locks/{secrets.token_hex(4)}'
   bucket = storage.Client().bucket('bucket')

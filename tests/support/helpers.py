@@ -125,6 +125,12 @@ def _run_py_here(args):
                                      err.getvalue())
 
 
+def nothing_written_locally(cwd) -> bool:
+  """Whether `cwd` (the empty_cwd fixture) and the checkout hold no file a gs:// path
+  mistaken for a local one would have made."""
+  return os.listdir(cwd) == [] and not os.path.exists(os.path.join(REPO, 'gs:'))
+
+
 def read_jsonl(path):
   """A JSON-lines file, local or gs://."""
   return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
