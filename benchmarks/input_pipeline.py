@@ -92,7 +92,8 @@ def mean_shape(photos_dir: str, count: int = 64) -> tuple[int, int]:
   from resnet_jax.data import builders, image_ops, sources  # pylint: disable=import-outside-toplevel
   source = sources.open_source(builders.get_builder(config_for(photos_dir, 'train', 'scale',
                                                                1).data), 'train')
-  sizes = [image_ops.open_image(source.read(i)[0]).size for i in range(min(count, len(source)))]
+  sizes = [image_ops.Encoded(source.read(i)[0]).shape[::-1]
+           for i in range(min(count, len(source)))]
   return tuple(round(statistics.mean(s[k] for s in sizes)) for k in (0, 1))
 
 

@@ -126,8 +126,10 @@ def test_resuming_reads_no_record_before_the_resumed_step(digits_dir):
   config = helpers.small_config(**{'data.data_dir': digits_dir, 'batch_size': 16})
   inp = _input(config)
   read = []
-  real = sources.Source.read
-  with mock.patch.object(sources.Source, 'read', lambda self, i: read.append(i) or real(self, i)):
+  one, many = sources.Source.read, sources.Source.read_many
+  with mock.patch.object(sources.Source, 'read', lambda self, i: read.append(i) or one(self, i)), \
+      mock.patch.object(sources.Source, 'read_many',
+                        lambda self, ix: read.extend(ix) or many(self, ix)):
     _batches(config, inp, start_step=50, num=2)
   assert len(read) == 2 * 16
 
@@ -178,3 +180,29 @@ def test_a_truncated_jpeg_stops_the_run_with_its_key(tmp_path):
     except OSError:
       bad.append(source.key(i))
   assert bad == [f'{found.group(1)}__{found.group(2)}']
+
+
+def test_a_record_that_cannot_be_read_stops_the_run_with_its_key(tmp_path):
+  """Bytes flipped inside one record's chunk of the ArrayRecord file: the batch that reads
+  it (the records of a batch are read in one call) stops with that record's key."""
+  from resnet_jax.datasets import sample_photos  # pylint: disable=import-outside-toplevel
+  sample_photos.prepare(str(tmp_path), num_train=12, num_test=4, long_side=64)
+  config = helpers.small_config(**{
+      'data.name': 'sample_photos', 'data.data_dir': str(tmp_path), 'data.image_size': 32,
+      'data.normalize': 'imagenet_mean', 'batch_size': 4, 'eval_batch_size': 4})
+  inp = _input(config)
+  (path,) = (tmp_path / 'sample_photos').glob('*/sample_photos-train.array_record-*')
+  data = bytearray(path.read_bytes())
+  data[3000:3008] = b'\xff' * 8  # inside the third record's chunk, whose hash now fails
+  path.write_bytes(bytes(data))
+  source = sources.open_source(inp.builder, 'train')
+  bad = []
+  for i in range(len(source)):
+    try:
+      source.read(i)
+    except errors.DataError:
+      bad.append(source.key(i))
+  assert len(bad) == 1, bad
+  with pytest.raises(errors.DataError, match=re.escape(
+      f'Record {bad[0]} of sample_photos (train) cannot be read: Corrupted Riegeli')):
+    _batches(config, inp, num=3)  # the whole epoch

@@ -1,7 +1,7 @@
 """The host's image ops (resnet_jax/data/image_ops.py): crop-first resizes of encoded images
 against an independent resize-then-crop reference, JPEG DCT downscaling, other image kinds,
 the paper's scale augmentation and 10 crops, Inception crops, and the canvas of
-fully-convolutional testing. numpy and Pillow only."""
+fully-convolutional testing. numpy and Pillow only; decoding itself: test_decoding.py."""
 import io
 
 import numpy as np
@@ -11,24 +11,11 @@ import simplejpeg
 
 from resnet_jax.data import image_ops as ops
 from resnet_jax.datasets import sample_imagenet
+from tests.support import images
 
 
 # Pillow and the reference interpolate in floating point and round: one grey level apart at most.
 ONE_LEVEL = 1.001
-
-
-def _encode(array, fmt='JPEG', mode=None):
-  image = Image.fromarray(array)
-  if mode:
-    image = image.convert(mode)
-  buffer = io.BytesIO()
-  image.save(buffer, format=fmt, quality=90)
-  return buffer.getvalue()
-
-
-def _decode(data):
-  """The whole image at full resolution, RGB, straight from Pillow (no draft)."""
-  return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
 
 
 def _bilinear(image, shape):
@@ -47,13 +34,9 @@ def _bilinear(image, shape):
 
 def _resized_then_cropped(data, size, side, top, left):
   """The reference of `scale_crop`: decode whole, resize whole, then slice the crop."""
-  decoded = _decode(data)
+  decoded = images.pillow_decode(data)
   resized = _bilinear(decoded, ops.scaled_shape(decoded.shape[:2], side))
   return resized[top:top + size, left:left + size]
-
-
-def _view(photo, width, height):
-  return np.asarray(Image.fromarray(photo).resize((width, height), Image.BILINEAR))
 
 
 @pytest.fixture(scope='module')
@@ -81,8 +64,8 @@ def test_crop_first_agrees_with_resize_then_crop_on_real_photos(photo, shape):
   """Only the crop is sampled, from the image decoded whole (no DCT scaling at these
   scales): the reference's pixels up to uint8 rounding. A window one pixel off, or the
   image resized to a shorter side one pixel off, is far outside that tolerance."""
-  data = _encode(_view(photo, shape[1], shape[0]))
-  decoded = _decode(data)
+  data = images.encode(images.view(photo, shape[1], shape[0]))
+  decoded = images.pillow_decode(data)
   rng = np.random.default_rng(9)
   for _ in range(12):
     side, top, left = ops.sample_scale_crop(rng, shape, 224, 256, 480)
@@ -119,21 +102,28 @@ def test_crop_first_agrees_with_resize_then_crop_on_real_photos(photo, shape):
 
 
 def test_an_image_of_the_size_asked_is_not_resampled(photo):
-  array = _view(photo, 40, 40)
+  array = images.view(photo, 40, 40)
   np.testing.assert_array_equal(ops.resize(array, 40), array)
-  np.testing.assert_array_equal(ops.resize(_encode(array, 'PNG'), 40), array)
+  np.testing.assert_array_equal(ops.resize(images.encode(array, 'PNG'), 40), array)
 
 
-def _draft_factors(monkeypatch):
-  """Spies on the JPEG decoder's draft: the DCT reduction factor of each decode."""
+def _dct_factors(monkeypatch):
+  """Spies on both JPEG decoders (simplejpeg for colour, Pillow's draft for the rest): the
+  DCT reduction factor of each decode."""
   factors = []
-  real = JpegImagePlugin.JpegImageFile.draft
-  def draft(self, mode, size):
+  decode_jpeg = simplejpeg.decode_jpeg
+  def simplejpeg_decode(data, *args, **kwargs):
+    pixels = decode_jpeg(data, *args, **kwargs)
+    factors.append(round(simplejpeg.decode_jpeg_header(data)[1] / pixels.shape[1]))
+    return pixels
+  draft = JpegImagePlugin.JpegImageFile.draft
+  def pillow_draft(self, mode, size):
     width = self.size[0]
-    result = real(self, mode, size)
+    result = draft(self, mode, size)
     factors.append(round(width / result[1][2]))
     return result
-  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft', draft)
+  monkeypatch.setattr(simplejpeg, 'decode_jpeg', simplejpeg_decode)
+  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft', pillow_draft)
   return factors
 
 
@@ -141,9 +131,9 @@ def test_large_images_decode_downscaled_by_the_jpeg_decoder(photos, monkeypatch)
   """A crop of a big JPEG resized to at most half its size: the decoder reduces it by 2, 4 or
   8 (averaging blocks instead of the bilinear filter), still close to the reference; a window
   two pixels off is not."""
-  data = _encode(_view(photos[4], 2400, 1600))  # coffee, 400x600 -> 1600x2400
-  decoded = _decode(data)
-  factors = _draft_factors(monkeypatch)
+  data = images.encode(images.view(photos[4], 2400, 1600))  # coffee, 400x600 -> 1600x2400
+  decoded = images.pillow_decode(data)
+  factors = _dct_factors(monkeypatch)
   for side in (256, 480):  # 0.16 and 0.3 of the 1600-pixel side
     got = ops.scale_crop(data, 224, side, 10, 20).astype(float)
     resized = _bilinear(decoded, ops.scaled_shape((1600, 2400), side))
@@ -157,15 +147,21 @@ def test_large_images_decode_downscaled_by_the_jpeg_decoder(photos, monkeypatch)
   factors.clear()
   ops.scale_crop(data, 224, 1600, 0, 0)
   assert factors == [1]
+  # Pillow decodes a grey JPEG, by the same rule.
+  factors.clear()
+  grey = images.encode(images.view(photos[4], 2400, 1600), mode='L')
+  for side in (256, 480):
+    ops.scale_crop(grey, 224, side, 10, 20)
+  assert factors == [4, 2]
 
 
 def test_a_jpeg_whose_sides_the_dct_factor_does_not_divide_is_not_stretched(photos, monkeypatch):
   """1601x1073 reduced by 8 is 200.125x134.125 pixels, which the decoder rounds up to
   201x135: the far corner must be as close to the reference as for 1600x1072."""
-  factors = _draft_factors(monkeypatch)
+  factors = _dct_factors(monkeypatch)
   errors = []
   for width, height in ((1600, 1072), (1601, 1073)):
-    data = _encode(_view(photos[4], width, height))
+    data = images.encode(images.view(photos[4], width, height))
     rows, columns = ops.scaled_shape((height, width), 128)
     got = ops.scale_crop(data, 96, 128, rows - 96, columns - 96)
     want = _resized_then_cropped(data, 96, 128, rows - 96, columns - 96)
@@ -174,41 +170,14 @@ def test_a_jpeg_whose_sides_the_dct_factor_does_not_divide_is_not_stretched(phot
   assert errors[1] < errors[0] + 1.0, errors  # today: 9.4 against 4.9
 
 
-def test_colour_jpegs_decode_through_simplejpeg_to_pillows_pixels(photos, monkeypatch):
-  """simplejpeg decodes colour JPEGs at the DCT factor Pillow's draft picks, to exactly
-  Pillow's pixels; CMYK and grey JPEGs, and any JPEG simplejpeg refuses, go to Pillow."""
-  calls = []
-  decode_jpeg = simplejpeg.decode_jpeg
-  monkeypatch.setattr(simplejpeg, 'decode_jpeg',
-                      lambda *args, **kwargs: calls.append(kwargs) or decode_jpeg(*args, **kwargs))
-  data = _encode(_view(photos[4], 2400, 1600))
-  for side in (1600, 480, 256, 128):  # DCT factors 1, 2, 4 and 8
-    scaled = ops.scaled_shape((1600, 2400), side)
-    image = Image.open(io.BytesIO(data))
-    image.draft('RGB', (scaled[1], scaled[0]))
-    want = np.asarray(image.convert('RGB'))
-    np.testing.assert_array_equal(ops.decode(ops.open_image(data), data, scaled)[0], want)
-  assert [(c['min_height'], c['min_width']) for c in calls] == [
-      (1600, 2400), (800, 1200), (400, 600), (200, 300)]
-  array = _view(photos[4], 300, 250)
-  for kind in ('cmyk_jpeg', 'grey_jpeg'):
-    ops.center_crop_of_resized(_kinds(array)[kind](), 224, 256)
-  assert len(calls) == 4  # Pillow decoded those
-
-  def refuse(*args, **kwargs):
-    raise ValueError('Corrupt JPEG data: 1 extraneous bytes before marker 0xd9')
-  monkeypatch.setattr(simplejpeg, 'decode_jpeg', refuse)
-  np.testing.assert_array_equal(ops.decode(ops.open_image(data), data)[0], _decode(data))
-
-
 def _kinds(array):
   return {
-      'png': lambda: _encode(array, 'PNG'),
-      'rgba_png': lambda: _encode(np.dstack([array, np.full(array.shape[:2], 7, np.uint8)]),
+      'png': lambda: images.encode(array, 'PNG'),
+      'rgba_png': lambda: images.encode(np.dstack([array, np.full(array.shape[:2], 7, np.uint8)]),
                                   'PNG'),
-      'cmyk_jpeg': lambda: _encode(array, mode='CMYK'),
-      'grey_jpeg': lambda: _encode(array, mode='L'),
-      'grey_png': lambda: _encode(array, 'PNG', mode='L'),
+      'cmyk_jpeg': lambda: images.encode(array, mode='CMYK'),
+      'grey_jpeg': lambda: images.encode(array, mode='L'),
+      'grey_png': lambda: images.encode(array, 'PNG', mode='L'),
       'array': lambda: array,
       'grey_array': lambda: np.asarray(Image.fromarray(array).convert('L'))[..., None],
   }
@@ -216,14 +185,14 @@ def _kinds(array):
 
 @pytest.mark.parametrize('kind', list(_kinds(np.zeros((1, 1, 3), np.uint8))))
 def test_other_images_take_the_same_ops_and_come_out_rgb(photo, kind):
-  array = _view(photo, 300, 250)
+  array = images.view(photo, 300, 250)
   image = _kinds(array)[kind]()
   grey = 'grey' in kind
   # What the image decodes to, on its own: the reference's input.
   if isinstance(image, np.ndarray):
     decoded = np.repeat(image, 3, axis=-1) if grey else image
   else:
-    decoded = _decode(image)
+    decoded = images.pillow_decode(image)
     assert Image.open(io.BytesIO(image)).mode == {
         'png': 'RGB', 'rgba_png': 'RGBA', 'cmyk_jpeg': 'CMYK', 'grey_jpeg': 'L',
         'grey_png': 'L'}[kind]
@@ -297,8 +266,8 @@ def test_inception_crop_resizes_its_window(photo):
   """The window resized to size x size: the reference resize of the window's pixels, away
   from its edges (where crop first samples the neighbours outside it, which the reference,
   resizing the window alone, clamps)."""
-  data = _encode(_view(photo, 200, 150), 'PNG')
-  decoded = _decode(data)
+  data = images.encode(images.view(photo, 200, 150), 'PNG')
+  decoded = images.pillow_decode(data)
   for seed in range(6):
     top, left, h, w = ops.sample_inception_window(np.random.default_rng(seed), (150, 200))
     got = ops.inception_crop(data, 64, np.random.default_rng(seed))

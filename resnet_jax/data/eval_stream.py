@@ -30,14 +30,23 @@ def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
                          host_preprocess.eval_shapes(data_config, crop),
                          is_leaf=lambda x: isinstance(x, tuple))
 
-  def example(position: int) -> dict[str, Any]:
-    if start + position >= stop:
+  def example(index: int, image: Any, label: int) -> dict[str, Any]:
+    if index >= stop:
       return {**padding, 'label': np.int32(0), 'mask': np.bool_(False)}
-    out, label = source.transformed(start + position, preprocess)
-    return {**out, 'label': np.int32(label), 'mask': np.bool_(True)}
+    return {**source.apply(index, image, preprocess), 'label': np.int32(label),
+            'mask': np.bool_(True)}
 
-  total = inp.eval_steps * inp.local_eval_batch_size
-  return grain.MapDataset.range(total).map(example).batch(inp.local_eval_batch_size)
+  size = inp.local_eval_batch_size
+
+  def batch(step: int) -> dict[str, Any]:
+    indices = range(start + step * size, start + (step + 1) * size)
+    records = source.read_many([i for i in indices if i < stop])
+    records += [(None, 0)] * (size - len(records))
+    examples = [example(i, *record) for i, record in zip(indices, records)]
+    return jax.tree.map(lambda *rows: np.stack(rows), *examples)
+
+  # One grain element per batch, as in train_stream.
+  return grain.MapDataset.range(inp.eval_steps).map(batch)
 
 
 def eval_batches(data_config: Any, inp: inputs.Input, split: str | None = None,

@@ -1,41 +1,24 @@
 """Small, pure image ops for the host: encoded bytes or uint8 arrays in, uint8 HWC out.
 
-simplejpeg decodes colour JPEGs (libjpeg-turbo, 1.6x Pillow's rate:
-docs/performance.md) and Pillow everything else (PNG, CMYK and grey JPEGs,
-and any file simplejpeg finds fault with); every resize is one affine warp
-(OpenCV) with bilinear sampling at half-integer pixel centres and no
-antialiasing (what tf.image.resize and the standard ImageNet recipes do).
-A crop of a resized image is therefore the same transform restricted to the
-crop, so crops are computed crop first: only the crop's pixels are sampled,
-from the image decoded at the smallest JPEG DCT scale (1/2, 1/4, 1/8:
-`Image.draft`) that still has at least the resized image's resolution.
-Random geometry comes from a numpy Generator the caller seeds.
+Every resize is one affine warp (OpenCV) with bilinear sampling at
+half-integer pixel centres and no antialiasing (what tf.image.resize and the
+standard ImageNet recipes do). A crop of a resized image is therefore the
+same transform restricted to the crop, so crops are computed crop first:
+only the crop's pixels are sampled, from the image decoded at the smallest
+JPEG DCT scale that still has at least the resized image's resolution
+(`decoding.py`). Random geometry comes from a numpy Generator the caller
+seeds.
 """
 from __future__ import annotations
 
-import io
-import math
-
 import cv2
 import numpy as np
-from PIL import Image
-import simplejpeg
+
+from resnet_jax.data.decoding import Encoded
 
 # ImageNet RGB statistics on the [0, 1] scale (fb.resnet.torch).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def open_image(data: bytes | np.ndarray) -> Image.Image:
-  """A lazily decoded image: encoded bytes (JPEG, PNG, ...) or a uint8 HW[C] array."""
-  if isinstance(data, np.ndarray):
-    return Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data)
-  return Image.open(io.BytesIO(data))
-
-
-def image_shape(image: Image.Image) -> tuple[int, int]:
-  """(height, width) at full resolution."""
-  return image.size[1], image.size[0]
 
 
 def scaled_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
@@ -45,44 +28,16 @@ def scaled_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
   return max(side, round(height * side / short)), max(side, round(width * side / short))
 
 
-def _rgb(image: Image.Image) -> Image.Image:
-  """RGB of any mode (grey repeated, CMYK converted, alpha dropped)."""
-  return image if image.mode == 'RGB' else image.convert('RGB')
-
-
-def decode(image: Image.Image, data: bytes | np.ndarray, scaled: tuple[float, float] | None = None
-           ) -> tuple[np.ndarray, tuple[float, float]]:
-  """`image` (opened from `data`) decoded to uint8 RGB, a JPEG at the largest DCT factor
-  (1, 1/2, 1/4, 1/8) that keeps it at least `scaled` (height, width) if given, and the
-  decoded image's exact size: a factor that does not divide a side gives a last row or
-  column that is only partly image (1601 / 8 = 200.125 is decoded as 201)."""
-  size = image_shape(image)
-  if image.format != 'JPEG':
-    return np.asarray(_rgb(image)), size
-  if scaled is not None:
-    # Pillow's draft picks the factor, and sizes the image as the decoder will.
-    drafted = image.draft('RGB', (math.ceil(scaled[1]), math.ceil(scaled[0])))
-    if drafted:
-      size = (drafted[1][3], drafted[1][2])
-  if image.mode == 'RGB':  # a colour JPEG (YCbCr or RGB); CMYK and grey stay with Pillow
-    height, width = image_shape(image)  # the drafted size, rounded up
-    try:
-      return simplejpeg.decode_jpeg(data, 'RGB', min_height=height, min_width=width), size
-    except ValueError:
-      pass  # e.g. truncated: Pillow decodes what it can read, or names the fault
-  return np.asarray(_rgb(image)), size
-
-
-def resample(image: Image.Image, data: bytes | np.ndarray, out_shape: tuple[int, int],
-             scaled: tuple[float, float], top: float = 0, left: float = 0) -> np.ndarray:
-  """The `out_shape` crop at (top, left) of `image` (opened from `data`) resized to `scaled`
-  (height, width), sampling only the crop: uint8 RGB.
+def resample(image: Encoded, out_shape: tuple[int, int], scaled: tuple[float, float],
+             top: float = 0, left: float = 0) -> np.ndarray:
+  """The `out_shape` crop at (top, left) of `image` resized to `scaled` (height, width),
+  sampling only the crop: uint8 RGB.
 
   For a JPEG the decoder first reduces the image by the largest DCT factor
   that keeps it at least `scaled`: a factor of r averages r x r blocks, and
   the sampling positions are mapped onto the reduced image.
   """
-  pixels, reduced = decode(image, data, scaled)
+  pixels, reduced = image.decode(scaled)
   scale_y, scale_x = reduced[0] / scaled[0], reduced[1] / scaled[1]
   # Output pixel x (centre x + 0.5) samples the resized image at left + x + 0.5, which is
   # source position (left + x + 0.5) * scale, i.e. pixel index (left + x + 0.5) * scale - 0.5;
@@ -97,16 +52,16 @@ def resample(image: Image.Image, data: bytes | np.ndarray, out_shape: tuple[int,
 
 def resize(data: bytes | np.ndarray, size: int) -> np.ndarray:
   """The whole image resized to size x size (unchanged if it has that size): uint8 RGB."""
-  image = open_image(data)
-  if image_shape(image) == (size, size):
-    return decode(image, data)[0]
-  return resample(image, data, (size, size), (size, size))
+  image = Encoded(data)
+  if image.shape == (size, size):
+    return image.decode()[0]
+  return resample(image, (size, size), (size, size))
 
 
 def resize_shorter_side(data: bytes | np.ndarray, side: int) -> np.ndarray:
-  image = open_image(data)
-  scaled = scaled_shape(image_shape(image), side)
-  return resample(image, data, scaled, scaled)
+  image = Encoded(data)
+  scaled = scaled_shape(image.shape, side)
+  return resample(image, scaled, scaled)
 
 
 def sample_shorter_sides(rng: np.random.Generator, num: int | tuple[int, ...] | None,
@@ -127,23 +82,23 @@ def sample_scale_crop(rng: np.random.Generator, shape: tuple[int, int], size: in
 
 def scale_crop(data: bytes | np.ndarray, size: int, side: int, top: int, left: int) -> np.ndarray:
   """The size x size crop at (top, left) of the image resized to shorter side `side`."""
-  image = open_image(data)
-  return resample(image, data, (size, size), scaled_shape(image_shape(image), side), top, left)
+  image = Encoded(data)
+  return resample(image, (size, size), scaled_shape(image.shape, side), top, left)
 
 
 def scale_augment(data: bytes | np.ndarray, size: int, min_side: int, max_side: int,
                   rng: np.random.Generator) -> np.ndarray:
   """The paper's scale augmentation of one image, crop first: uint8 size x size."""
-  image = open_image(data)
-  side, top, left = sample_scale_crop(rng, image_shape(image), size, min_side, max_side)
-  return resample(image, data, (size, size), scaled_shape(image_shape(image), side), top, left)
+  image = Encoded(data)
+  side, top, left = sample_scale_crop(rng, image.shape, size, min_side, max_side)
+  return resample(image, (size, size), scaled_shape(image.shape, side), top, left)
 
 
 def center_crop_of_resized(data: bytes | np.ndarray, size: int, side: int) -> np.ndarray:
   """The centre size x size crop of the image resized to shorter side `side`, crop first."""
-  image = open_image(data)
-  height, width = scaled = scaled_shape(image_shape(image), side)
-  return resample(image, data, (size, size), scaled, (height - size) // 2, (width - size) // 2)
+  image = Encoded(data)
+  height, width = scaled = scaled_shape(image.shape, side)
+  return resample(image, (size, size), scaled, (height - size) // 2, (width - size) // 2)
 
 
 def sample_inception_window(rng: np.random.Generator, shape: tuple[int, int],
@@ -163,11 +118,11 @@ def sample_inception_window(rng: np.random.Generator, shape: tuple[int, int],
 
 def inception_crop(data: bytes | np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
   """Inception-style random-resized crop, sampling only the window: uint8 size x size."""
-  image = open_image(data)
-  height, width = image_shape(image)
+  image = Encoded(data)
+  height, width = image.shape
   top, left, h, w = sample_inception_window(rng, (height, width))
   # The window resized to size x size is the crop at (top, left) * s of the image scaled by s.
-  return resample(image, data, (size, size), (height * size / h, width * size / w),
+  return resample(image, (size, size), (height * size / h, width * size / w),
                   top * size / h, left * size / w)
 
 
@@ -196,10 +151,10 @@ def on_canvas(data: bytes | np.ndarray, side: int) -> tuple[np.ndarray, np.ndarr
   """The image resized to shorter side `side` (the longer side centre-cropped to the canvas
   if it is longer than 4:3), at the top left of a square uint8 canvas, and where it is."""
   canvas = canvas_size(side)
-  image = open_image(data)
-  scaled = scaled_shape(image_shape(image), side)
+  image = Encoded(data)
+  scaled = scaled_shape(image.shape, side)
   height, width = min(scaled[0], canvas), min(scaled[1], canvas)
-  crop = resample(image, data, (height, width), scaled, (scaled[0] - height) // 2,
+  crop = resample(image, (height, width), scaled, (scaled[0] - height) // 2,
                   (scaled[1] - width) // 2)
   out = np.zeros((canvas, canvas, 3), np.uint8)
   out[:height, :width] = crop

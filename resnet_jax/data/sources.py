@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -45,12 +45,25 @@ class Source:
           'from intact files.') from None
     return example[self.image_key], int(example[self.label_key])
 
+  def read_many(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
+    """`read` of each index, in one call (array_record reads them in parallel)."""
+    try:
+      examples = self.source.__getitems__(list(indices))
+    except Exception:  # pylint: disable=broad-except  (read one by one to name the record)
+      return [self.read(index) for index in indices]
+    return [(example[self.image_key], int(example[self.label_key])) for example in examples]
+
   def transformed(self, index: int, transform: Callable[[Any], Any]) -> tuple[Any, int]:
     """(`transform` of record `index`'s image, its label); an image that cannot be decoded
     is a DataError that names the record."""
     image, label = self.read(index)
+    return self.apply(index, image, transform), label
+
+  def apply(self, index: int, image: Any, transform: Callable[[Any], Any]) -> Any:
+    """`transform(image)` of record `index`'s image; an image that cannot be decoded is a
+    DataError that names the record."""
     try:
-      return transform(image), label
+      return transform(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       raise errors.DataError(
           f'The image of record {self.key(index)} of {self.name} ({self.split}) is corrupt '

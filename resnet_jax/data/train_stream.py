@@ -30,23 +30,28 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
   preprocess = host_preprocess.train_preprocess(data_config)
   order = grain.MapDataset.range(len(source)).shuffle(
       seed=inputs.derive_seed(seed, 'order')).repeat()
-  num_total, batch = len(source), inp.batch_size
-  per_epoch = inp.steps_per_epoch * batch
+  num_total, batch_size = len(source), inp.batch_size
+  per_epoch = inp.steps_per_epoch * batch_size
   row_start, local = inp.host_rows[0], inp.local_batch_size
   crop_seed = inputs.derive_seed(seed, 'crop')
 
-  def example(local_position: int) -> dict[str, Any]:
-    step, row = divmod(local_position, local)
-    position = step * batch + row_start + row  # in the global stream
-    epoch, offset = divmod(position, per_epoch)
-    index = order[epoch * num_total + offset]
-    rng = np.random.default_rng([crop_seed, position])
-    image, label = source.transformed(index, lambda im: preprocess(im, rng))
-    return {'image': image, 'label': np.int32(label)}
+  def batch(step: int) -> dict[str, np.ndarray]:
+    positions = step * batch_size + row_start + np.arange(local)  # in the global stream
+    epochs, offsets = np.divmod(positions, per_epoch)
+    indices = [order[int(e) * num_total + int(o)] for e, o in zip(epochs, offsets)]
+    images, labels = None, np.empty(local, np.int32)
+    for row, (index, (image, label)) in enumerate(zip(indices, source.read_many(indices))):
+      rng = np.random.default_rng([crop_seed, int(positions[row])])
+      image = source.apply(index, image, lambda im, rng=rng: preprocess(im, rng))
+      if images is None:
+        images = np.empty((local,) + image.shape, image.dtype)
+      images[row], labels[row] = image, label
+    return {'image': images, 'label': labels}
 
-  stop = (start_step + num_steps) * local if num_steps is not None else 2**62
-  positions = grain.MapDataset.range(start_step * local, stop)
-  return positions.map(example).batch(local, drop_remainder=True)
+  stop = start_step + num_steps if num_steps is not None else 2**62
+  # One grain element per batch: a worker reads a batch's records in one call and fills
+  # it in place (8% faster per image than an element per example: docs/performance.md).
+  return grain.MapDataset.range(start_step, stop).map(batch)
 
 
 def train_iterator(data_config: Any, inp: inputs.Input, *, seed: int, start_step: int = 0,
