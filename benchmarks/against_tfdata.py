@@ -59,7 +59,8 @@ def measure(data_dir: str, kind: str, variant: str, workers: int, threads: int, 
     next(iterator)
   images, start = 0, time.perf_counter()
   for _ in range(batches):
-    images += int(next(iterator)['mask'].sum()) if kind == 'eval' else BATCH
+    batch = next(iterator)
+    images += int(batch['mask'].sum()) if 'mask' in batch else BATCH
   rate = images / (time.perf_counter() - start)
   iterator.close()
   return rate
