@@ -40,7 +40,7 @@ def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
 
   def batch(step: int) -> dict[str, Any]:
     indices = range(start + step * size, start + (step + 1) * size)
-    records = source.read_many([i for i in indices if i < stop])
+    records = [source.read(i) for i in indices if i < stop]
     records += [(None, 0)] * (size - len(records))
     examples = [example(i, *record) for i, record in zip(indices, records)]
     return jax.tree.map(lambda *rows: np.stack(rows), *examples)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -44,14 +44,6 @@ class Source:
           f'{_first_line(str(e))}. Rebuild the data set (python run.py --mode=prepare) '
           'from intact files.') from None
     return example[self.image_key], int(example[self.label_key])
-
-  def read_many(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
-    """`read` of each index, in one call (array_record reads them in parallel)."""
-    try:
-      examples = self.source.__getitems__(list(indices))
-    except Exception:  # pylint: disable=broad-except  (read one by one to name the record)
-      return [self.read(index) for index in indices]
-    return [(example[self.image_key], int(example[self.label_key])) for example in examples]
 
   def transformed(self, index: int, transform: Callable[[Any], Any]) -> tuple[Any, int]:
     """(`transform` of record `index`'s image, its label); an image that cannot be decoded

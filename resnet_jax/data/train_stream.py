@@ -40,7 +40,8 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
     epochs, offsets = np.divmod(positions, per_epoch)
     indices = [order[int(e) * num_total + int(o)] for e, o in zip(epochs, offsets)]
     images, labels = None, np.empty(local, np.int32)
-    for row, (index, (image, label)) in enumerate(zip(indices, source.read_many(indices))):
+    for row, index in enumerate(indices):
+      image, label = source.read(index)
       rng = np.random.default_rng([crop_seed, int(positions[row])])
       image = source.apply(index, image, lambda im, rng=rng: preprocess(im, rng))
       if images is None:
@@ -49,8 +50,9 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
     return {'image': images, 'label': labels}
 
   stop = start_step + num_steps if num_steps is not None else 2**62
-  # One grain element per batch: a worker reads a batch's records in one call and fills
-  # it in place (8% faster per image than an element per example: docs/performance.md).
+  # One grain element per batch, filled in place: grain's per-element machinery and the
+  # stacking copy cost 8% of an image (docs/performance.md). Records are read one by one:
+  # array_record's batched read (__getitems__) took 40-50 us more per record on a core.
   return grain.MapDataset.range(start_step, stop).map(batch)
 
 
