@@ -67,3 +67,17 @@ def test_colour_jpegs_decode_through_simplejpeg_to_pillows_pixels(coffee, monkey
     raise ValueError('Corrupt JPEG data: 1 extraneous bytes before marker 0xd9')
   monkeypatch.setattr(simplejpeg, 'decode_jpeg', refuse)
   np.testing.assert_array_equal(decoding.Encoded(data).decode()[0], images.pillow_decode(data))
+
+
+def test_a_colour_jpeg_too_big_for_pillow_is_refused_as_pillow_would(monkeypatch):
+  """simplejpeg reads the header, but Pillow's decompression-bomb limit still holds: the same
+  error Image.open raises, which the pipeline turns into an error naming the record."""
+  data = images.encode(np.zeros((60, 80, 3), np.uint8))
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 2000)  # limit 4,000 pixels; the image: 4,800
+  with pytest.raises(Image.DecompressionBombError) as ours:
+    decoding.Encoded(data)
+  with pytest.raises(Image.DecompressionBombError) as pillows:
+    Image.open(io.BytesIO(data))
+  assert str(ours.value) == str(pillows.value)
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 2400)  # 4,800 is the limit: allowed
+  assert decoding.Encoded(data).shape == (60, 80)

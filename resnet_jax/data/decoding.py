@@ -61,6 +61,11 @@ class Encoded:
         pass  # not a JPEG, or a header simplejpeg cannot read: Pillow's
     if colorspace in ('YCbCr', 'RGB'):
       self.shape = (height, width)
+      limit = Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
+      if limit and height * width > limit:  # the check Image.open would have made
+        raise Image.DecompressionBombError(
+            f'Image size ({height * width} pixels) exceeds limit of {limit} pixels, could be '
+            'decompression bomb DOS attack.')
     else:
       self._image = open_image(data)
       self.shape = image_shape(self._image)
