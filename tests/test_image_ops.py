@@ -173,8 +173,8 @@ def test_a_jpeg_whose_sides_the_dct_factor_does_not_divide_is_not_stretched(phot
 def _kinds(array):
   return {
       'png': lambda: images.encode(array, 'PNG'),
-      'rgba_png': lambda: images.encode(np.dstack([array, np.full(array.shape[:2], 7, np.uint8)]),
-                                  'PNG'),
+      'rgba_png': lambda: images.encode(
+          np.dstack([array, np.full(array.shape[:2], 7, np.uint8)]), 'PNG'),
       'cmyk_jpeg': lambda: images.encode(array, mode='CMYK'),
       'grey_jpeg': lambda: images.encode(array, mode='L'),
       'grey_png': lambda: images.encode(array, 'PNG', mode='L'),

@@ -30,19 +30,16 @@ def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
                          host_preprocess.eval_shapes(data_config, crop),
                          is_leaf=lambda x: isinstance(x, tuple))
 
-  def example(index: int, image: Any, label: int) -> dict[str, Any]:
+  def example(index: int) -> dict[str, Any]:
     if index >= stop:
       return {**padding, 'label': np.int32(0), 'mask': np.bool_(False)}
-    return {**source.apply(index, image, preprocess), 'label': np.int32(label),
-            'mask': np.bool_(True)}
+    out, label = source.transformed(index, preprocess)
+    return {**out, 'label': np.int32(label), 'mask': np.bool_(True)}
 
   size = inp.local_eval_batch_size
 
   def batch(step: int) -> dict[str, Any]:
-    indices = range(start + step * size, start + (step + 1) * size)
-    records = [source.read(i) for i in indices if i < stop]
-    records += [(None, 0)] * (size - len(records))
-    examples = [example(i, *record) for i, record in zip(indices, records)]
+    examples = [example(i) for i in range(start + step * size, start + (step + 1) * size)]
     return jax.tree.map(lambda *rows: np.stack(rows), *examples)
 
   # One grain element per batch, as in train_stream.

@@ -49,13 +49,8 @@ class Source:
     """(`transform` of record `index`'s image, its label); an image that cannot be decoded
     is a DataError that names the record."""
     image, label = self.read(index)
-    return self.apply(index, image, transform), label
-
-  def apply(self, index: int, image: Any, transform: Callable[[Any], Any]) -> Any:
-    """`transform(image)` of record `index`'s image; an image that cannot be decoded is a
-    DataError that names the record."""
     try:
-      return transform(image)
+      return transform(image), label
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       raise errors.DataError(
           f'The image of record {self.key(index)} of {self.name} ({self.split}) is corrupt '

@@ -40,13 +40,12 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
     epochs, offsets = np.divmod(positions, per_epoch)
     indices = [order[int(e) * num_total + int(o)] for e, o in zip(epochs, offsets)]
     images, labels = None, np.empty(local, np.int32)
-    for row, index in enumerate(indices):
-      image, label = source.read(index)
-      rng = np.random.default_rng([crop_seed, int(positions[row])])
-      image = source.apply(index, image, lambda im, rng=rng: preprocess(im, rng))
+    for row, (position, index) in enumerate(zip(positions, indices)):
+      rng = np.random.default_rng([crop_seed, int(position)])
+      image, labels[row] = source.transformed(index, lambda im, rng=rng: preprocess(im, rng))
       if images is None:
         images = np.empty((local,) + image.shape, image.dtype)
-      images[row], labels[row] = image, label
+      images[row] = image
     return {'image': images, 'label': labels}
 
   stop = start_step + num_steps if num_steps is not None else 2**62
