@@ -24,7 +24,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
@@ -37,33 +36,11 @@ SETTINGS = [('1 core', 1, [('grain', 0, 1)]),
 BATCH = 32
 
 
-def grain_config(data_dir: str, kind: str, variant: str, workers: int, threads: int):
-  config = pipeline_bench.config_for(data_dir, kind, variant, BATCH)
-  config.data.name, config.data.eval_split = 'imagenet2012', 'validation'
-  config.data.workers, config.data.threads = workers, threads
-  return config
-
-
 def measure(data_dir: str, kind: str, variant: str, workers: int, threads: int, warmup: int,
-            batches: int) -> float:
-  """img/s of this tree's pipeline, in this process."""
-  from resnet_jax.data import eval_stream, inputs, train_stream  # pylint: disable=import-outside-toplevel
-  config = grain_config(data_dir, kind, variant, workers, threads)
-  inp = inputs.create_input(config.data, batch_size=BATCH, eval_batch_size=BATCH,
-                            host_rows=(0, BATCH))
-  if kind == 'train':
-    iterator = train_stream.train_iterator(config.data, inp, seed=config.seed)
-  else:
-    iterator = inputs.Batches(eval_stream.eval_dataset(config.data, inp).repeat(), config.data)
-  for _ in range(warmup):
-    next(iterator)
-  images, start = 0, time.perf_counter()
-  for _ in range(batches):
-    batch = next(iterator)
-    images += int(batch['mask'].sum()) if 'mask' in batch else BATCH
-  rate = images / (time.perf_counter() - start)
-  iterator.close()
-  return rate
+            batches: int) -> dict:
+  """This tree's pipeline, in this process, on the converted imagenet2012."""
+  return pipeline_bench.measure(data_dir, kind, variant, workers, BATCH, 224, warmup, batches,
+                                threads=threads, name='imagenet2012', eval_split='validation')
 
 
 def prepare(args) -> tuple[str, str]:
@@ -126,8 +103,7 @@ def main() -> None:
         if out.returncode:
           raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        rates.setdefault((kind, variant, setting, label), []).append(
-            result['img_per_s'] if isinstance(result, dict) else result)
+        rates.setdefault((kind, variant, setting, label), []).append(result['img_per_s'])
       print(f'round {repeat + 1}, {setting} ({note}) done', flush=True)
   print(f'{"case":16} {"setting":8} {"pipeline":20} {"img/s":>8} {"/ tf.data":>9}  runs')
   for kind, variant in CASES:

@@ -53,14 +53,15 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 QUICK = dict(train_images=64, test_images=16, image_size=32, batch=8, warmup=2, batches=4)
 
 
-def config_for(data_dir: str, kind: str, variant: str, batch: int, image_size: int = 224):
-  """configs/imagenet.py on sample_photos in `data_dir`, its sizes scaled to `image_size`
+def config_for(data_dir: str, kind: str, variant: str, batch: int, image_size: int = 224,
+               name: str = 'sample_photos', eval_split: str = 'test'):
+  """configs/imagenet.py on data set `name` in `data_dir`, its sizes scaled to `image_size`
   (224: the paper's 256 resize for eval and scale range [256, 480])."""
   from configs import imagenet  # pylint: disable=import-outside-toplevel
   config = imagenet.get_config('resnet50')
-  config.data.name = 'sample_photos'
+  config.data.name = name
   config.data.data_dir = data_dir
-  config.data.eval_split = 'test'
+  config.data.eval_split = eval_split
   config.data.image_size = image_size
   config.data.eval_resize = round(image_size * 256 / 224)
   config.data.scale_range = (config.data.eval_resize, round(image_size * 480 / 224))
@@ -163,11 +164,12 @@ def reference_dataset(builder, kind: str, batch: int, size: int, resize: int):
 
 
 def measure(photos_dir: str, kind: str, variant: str, workers: int, batch: int, image_size: int,
-            warmup: int, batches: int) -> dict:
-  """One case in this process: images per second over `batches` batches after `warmup`."""
+            warmup: int, batches: int, threads: int = 1, **data_set) -> dict:
+  """One case in this process: images per second over `batches` batches after `warmup`
+  (`data_set`: config_for's name and eval_split, if not sample_photos)."""
   from resnet_jax.data import eval_stream, inputs, train_stream  # pylint: disable=import-outside-toplevel
-  config = config_for(photos_dir, kind, variant, batch, image_size)
-  config.data.workers, config.data.threads = workers, 1
+  config = config_for(photos_dir, kind, variant, batch, image_size, **data_set)
+  config.data.workers, config.data.threads = workers, threads
   inp = inputs.create_input(config.data, batch_size=batch, eval_batch_size=batch,
                             host_rows=(0, batch))
   if variant == 'reference':
