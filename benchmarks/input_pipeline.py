@@ -167,7 +167,7 @@ def measure(photos_dir: str, kind: str, variant: str, workers: int, batch: int, 
             warmup: int, batches: int, threads: int = 1, **data_set) -> dict:
   """One case in this process: images per second over `batches` batches after `warmup`
   (`data_set`: config_for's name and eval_split, if not sample_photos)."""
-  from resnet_jax.data import eval_stream, inputs, train_stream  # pylint: disable=import-outside-toplevel
+  from resnet_jax.data import eval_stream, inputs, loading, train_stream  # pylint: disable=import-outside-toplevel
   config = config_for(photos_dir, kind, variant, batch, image_size, **data_set)
   config.data.workers, config.data.threads = workers, threads
   inp = inputs.create_input(config.data, batch_size=batch, eval_batch_size=batch,
@@ -179,8 +179,8 @@ def measure(photos_dir: str, kind: str, variant: str, workers: int, batch: int, 
   elif kind == 'train':
     iterator = train_stream.train_iterator(config.data, inp, seed=config.seed)
   else:  # every test image (the last batch padded, masked), over and over
-    iterator = iter(inputs.loader(eval_stream.eval_dataset(config.data, inp).repeat(),
-                                        config.data))
+    iterator = iter(loading.loader(eval_stream.eval_dataset(config.data, inp).repeat(),
+                                   config.data))
   for _ in range(warmup):
     next(iterator)
   images = 0

@@ -3,10 +3,12 @@
 - `builders.py`: which data set, prepared (as ArrayRecord) where; splits and sizes.
 - `convert.py`: a data set prepared as TFRecord -> ArrayRecord, in place.
 - `sources.py`: random access to a split's records; errors that name the record.
-- `image_ops.py`: decoding, crops and resizes on the host (simplejpeg, Pillow, crop first).
+- `decoding.py`: an encoded image's header, and its pixels at a DCT scale (simplejpeg, Pillow).
+- `image_ops.py`: crops and resizes on the host, crop first.
 - `host_preprocess.py`: the host's part of the configured augmentation and eval crops.
-- `inputs.py`: Input (splits, batch sizes, this host's rows), resource checks, seeds, and
-  the grain loader that train_stream and eval_stream share.
+- `inputs.py`: Input (splits, batch sizes, this host's rows), resource checks, seeds.
+- `loading.py`: the grain loader that train_stream and eval_stream share: threads, buffers,
+  worker processes, and batches handed over in shared memory.
 - `train_stream.py`: the training batches, a pure function of (seed, step).
 - `eval_stream.py`: evaluation batches, every example once over all hosts.
 - `normalization.py`: the per-pixel mean and the device-side augmentation.

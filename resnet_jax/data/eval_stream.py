@@ -14,6 +14,7 @@ import numpy as np
 
 from resnet_jax.data import host_preprocess
 from resnet_jax.data import inputs
+from resnet_jax.data import loading
 from resnet_jax.data import sources
 
 
@@ -49,4 +50,4 @@ def eval_dataset(data_config: Any, inp: inputs.Input, split: str | None = None,
 def eval_batches(data_config: Any, inp: inputs.Input, split: str | None = None,
                  crop: str | None = None) -> Iterator[dict[str, Any]]:
   """The numpy batches of an `eval_dataset`, read with config.data's workers and threads."""
-  return inputs.Batches(eval_dataset(data_config, inp, split, crop), data_config)
+  return loading.Batches(eval_dataset(data_config, inp, split, crop), data_config)

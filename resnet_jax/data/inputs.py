@@ -12,13 +12,9 @@ import dataclasses
 import hashlib
 import math
 import os
-import signal
-import threading
 from typing import Any
 
-import grain
 import tensorflow_datasets as tfds
-from absl import flags
 
 from resnet_jax import errors
 from resnet_jax.data import builders
@@ -76,6 +72,30 @@ def check_resources(data_config: Any, local_batch_size: int, bytes_per_example: 
         f'read_buffer {data_config.read_buffer}) batches of {local_batch_size} images take '
         f'{needed / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB this host '
         'has available: lower the workers or buffers.')
+  # A worker's batches wait in shared memory: in its queue, in the trainer's read-ahead
+  # (grain keeps worker_buffer of each worker's) and one in hand.
+  blocks = workers * (2 * data_config.worker_buffer + 1)
+  shared, shared_size = blocks * local_batch_size * bytes_per_example, _shared_memory_size()
+  if workers and shared > shared_size:
+    raise errors.ConfigError(
+        f'config.data: {workers} workers x (2 x worker_buffer {data_config.worker_buffer} + 1) '
+        f'batches of {local_batch_size} images wait in shared memory, {shared / 2**20:.0f} '
+        f'MiB, more than {SHARED_MEMORY} holds ({shared_size / 2**20:.0f} MiB): lower the '
+        'workers or worker_buffer, or give the host more shared memory (a Docker container: '
+        '--shm-size).')
+
+
+SHARED_MEMORY = '/dev/shm'  # where POSIX shared memory lives on Linux
+
+
+def _shared_memory_size() -> float:
+  """Bytes of POSIX shared memory (a Docker container's default: 64 MiB), or inf where
+  there is no /dev/shm to ask."""
+  try:
+    stat = os.statvfs(SHARED_MEMORY)
+  except OSError:
+    return math.inf
+  return stat.f_blocks * stat.f_frsize
 
 
 def _available_memory() -> int:
@@ -120,67 +140,3 @@ def create_input(data_config: Any, *, batch_size: int, eval_batch_size: int,
   check_resources(data_config, host_rows[1] - host_rows[0], size * size * 3)
   return Input(builder, splits, builders.num_classes(builder), batch_size, tuple(host_rows),
                steps_per_epoch, eval_steps, local_eval_batch, process_index, process_count)
-
-
-def _options(data_config: Any) -> tuple[grain.ReadOptions, grain.MultiprocessingOptions | None]:
-  workers = resolve(data_config.workers)
-  # Threads per process: by default the host's cores shared by its processes.
-  threads = resolve(data_config.threads) or max(1, host_cores() // max(workers, 1))
-  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=data_config.read_buffer)
-  if not workers:
-    return read, None
-  return read, grain.MultiprocessingOptions(num_workers=workers,
-                                            per_worker_buffer_size=data_config.worker_buffer)
-
-
-def loader(dataset: grain.MapDataset, data_config: Any) -> grain.IterDataset:
-  """`dataset` read with config.data's threads, buffers and worker processes (grain keeps
-  the order whatever their number)."""
-  read, workers = _options(data_config)
-  iterable = dataset.to_iter_dataset(read)
-  if not workers:
-    return iterable
-  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (set by run.py's app.run)
-    flags.FLAGS.mark_as_parsed()
-  return iterable.mp_prefetch(workers, worker_init_fn=_ignore_interrupts)
-
-
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-  """Ctrl-C reaches every process of the terminal's group: the workers leave it to the
-  trainer, which stops at a safe point and saves (they end when it closes the loader).
-  They start with SIGINT blocked (`Batches`), so one sent meanwhile is dropped here."""
-  del worker_index, worker_count
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-class Batches:
-  """An iterator over `loader(dataset, data_config)`, to close() when done early.
-
-  grain starts its worker processes while the first batch is fetched; that
-  happens with SIGINT blocked in this thread (and so in the threads and
-  processes started meanwhile), so that a Ctrl-C while a worker imports its
-  modules cannot kill it with a KeyboardInterrupt: it reaches the trainer a
-  moment later instead.
-  """
-
-  def __init__(self, dataset: grain.MapDataset, data_config: Any):
-    self._iterator = iter(loader(dataset, data_config))
-    self._guard = bool(resolve(data_config.workers)) and (
-        threading.current_thread() is threading.main_thread())
-
-  def __iter__(self) -> Batches:
-    return self
-
-  def __next__(self) -> Any:
-    if not self._guard:
-      return next(self._iterator)
-    self._guard = False
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-      return next(self._iterator)
-    finally:
-      signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-  def close(self) -> None:
-    self._iterator.close()

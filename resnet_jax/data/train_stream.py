@@ -19,6 +19,7 @@ import numpy as np
 
 from resnet_jax.data import host_preprocess
 from resnet_jax.data import inputs
+from resnet_jax.data import loading
 from resnet_jax.data import sources
 
 
@@ -56,8 +57,8 @@ def train_dataset(data_config: Any, inp: inputs.Input, *, seed: int, start_step:
 
 
 def train_iterator(data_config: Any, inp: inputs.Input, *, seed: int, start_step: int = 0,
-                   num_steps: int | None = None) -> inputs.Batches:
+                   num_steps: int | None = None) -> loading.Batches:
   """This host's training batches (numpy, uint8 images) from global step `start_step` on;
   close() it to stop grain's workers early."""
-  return inputs.Batches(train_dataset(data_config, inp, seed=seed, start_step=start_step,
+  return loading.Batches(train_dataset(data_config, inp, seed=seed, start_step=start_step,
                                       num_steps=num_steps), data_config)
