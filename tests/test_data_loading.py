@@ -99,17 +99,28 @@ def test_to_shared_memory_writes_arrays_into_blocks_in_a_worker_only():
     assert _eventually(lambda: not os.path.exists(os.path.join(inputs.SHARED_MEMORY, name)))
 
 
+def test_short_writes_go_on_where_they_stopped():
+  image = np.random.default_rng(0).integers(0, 256, (3, 7, 11, 3), np.uint8)
+  real = os.pwrite
+  with mock.patch.object(loading, '_in_worker', True), \
+       mock.patch.object(os, 'pwrite', lambda fd, data, at: real(fd, data[:100], at)):
+    shared = loading.to_shared_memory({'image': image})['image']
+  shared.unlink_on_del()
+  np.testing.assert_array_equal(shared, image)
+
+
 def test_full_shared_memory_is_a_config_error_and_leaves_no_block():
   image = np.ones((3, 7, 11, 3), np.uint8)
   before = _blocks(image.nbytes) if os.path.isdir(inputs.SHARED_MEMORY) else set()
   full = OSError(errno.ENOSPC, 'No space left on device')
-  with mock.patch.object(loading, '_in_worker', True), \
-       mock.patch.object(os, 'pwrite', side_effect=full), \
-       pytest.raises(errors.ConfigError,
-                     match=re.escape('/dev/shm is full: a grain worker could not hand over a '
-                                     'batch of 0.0 MiB. Lower config.data.workers or '
-                                     'worker_buffer, or give the host more shared memory')):
-    loading.to_shared_memory({'image': image})
+  for writes in ([full], [100, full]):  # at once, or after a short write
+    with mock.patch.object(loading, '_in_worker', True), \
+         mock.patch.object(os, 'pwrite', side_effect=writes), \
+         pytest.raises(errors.ConfigError,
+                       match=re.escape('/dev/shm is full: a grain worker could not hand over a '
+                                       'batch of 0.0 MiB. Lower config.data.workers or '
+                                       'worker_buffer, or give the host more shared memory')):
+      loading.to_shared_memory({'image': image})
   if os.path.isdir(inputs.SHARED_MEMORY):
     assert _blocks(image.nbytes) == before
 

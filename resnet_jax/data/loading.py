@@ -72,8 +72,12 @@ def _to_block(leaf: Any) -> Any:
   block = shared_memory.SharedMemory(create=True, size=leaf.nbytes)
   try:
     fd = getattr(block, '_fd', -1)  # CPython's, on POSIX
-    if fd < 0 or os.pwrite(fd, memoryview(leaf).cast('B'), 0) != leaf.nbytes:
+    if fd < 0:
       np.copyto(np.ndarray(leaf.shape, leaf.dtype, buffer=block.buf), leaf)
+    else:  # after a short write, the next call writes on (or fails: ENOSPC, /dev/shm is full)
+      data, written = memoryview(leaf).cast('B'), 0
+      while written < leaf.nbytes:
+        written += os.pwrite(fd, data[written:], written)
   except BaseException as e:
     block.close()
     block.unlink()
