@@ -167,7 +167,8 @@ def measure(photos_dir: str, kind: str, variant: str, workers: int, batch: int, 
             warmup: int, batches: int, threads: int = 1, **data_set) -> dict:
   """One case in this process: images per second over `batches` batches after `warmup`
   (`data_set`: config_for's name and eval_split, if not sample_photos)."""
-  from resnet_jax.data import eval_stream, inputs, loading, train_stream  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from resnet_jax.data import eval_stream, inputs, loading, train_stream
   config = config_for(photos_dir, kind, variant, batch, image_size, **data_set)
   config.data.workers, config.data.threads = workers, threads
   inp = inputs.create_input(config.data, batch_size=batch, eval_batch_size=batch,

@@ -30,15 +30,19 @@ def evaluate(strategy: parallel.Parallel, state: Any, batches: Iterable[dict[str
   finish on the devices.
   """
   sums, in_flight = None, collections.deque()
-  for batch in batches:
-    if stop():
-      return None
-    m = strategy.eval_step(state, strategy.put_batch(batch))
-    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-    # At most two batches queued on the devices: a stop never waits for the whole split.
-    in_flight.append(sums)
-    if len(in_flight) > 2:
-      jax.block_until_ready(in_flight.popleft())
+  try:
+    for batch in batches:
+      if stop():
+        return None
+      m = strategy.eval_step(state, strategy.put_batch(batch))
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      # At most two batches queued on the devices: a stop never waits for the whole split.
+      in_flight.append(sums)
+      if len(in_flight) > 2:
+        jax.block_until_ready(in_flight.popleft())
+  finally:  # grain's workers stop now, not when the iterator is collected (a stop, an error)
+    if hasattr(batches, 'close'):
+      batches.close()
   host = strategy.metrics_to_host(sums)
   out = {f'eval_{k}': float(v) for k, v in clu_metrics_from_sums(host).compute().items()}
   out['eval_num_examples'] = host['count']

@@ -141,61 +141,63 @@ def _train(config: Any, workdir: epath.Path, run: Setup, ckpt: checkpointing.Che
   turn = Turn(evaluate=True, resumed=True) if pending_eval else None
   preempted = False
   with preemption_lib.Preemption() as preemption:  # until the last save has finished
-    while turn is not None or step < steps_total:
-      if turn is None:  # train a step
-        state, metrics = strategy.train_step(state, next(batches))
-        window = metrics if window is None else _accumulate(window, metrics)
-        step += 1
-        ckpt.check_saves()  # a failed asynchronous save (a full disk) stops the run now
-        progress(step)
-        if profile_steps:
-          _profile(profile_steps, step, workdir)
-        if step % log_every == 0 or step == steps_total:
-          train = _log_train(writer, strategy, window, step, ckpt)
-          window = None
-          writer.write_scalars(step, {'images_per_sec': clock.images_per_sec(
-              step, config.batch_size)})
-          state = _update_schedule(strategy, state, optim.after_train_log, config.schedule,
-                                   train['train_top1_error'])
-        turn = Turn(evaluate=step % eval_every == 0 or step == steps_total)
+    try:
+      while turn is not None or step < steps_total:
+        if turn is None:  # train a step
+          state, metrics = strategy.train_step(state, next(batches))
+          window = metrics if window is None else _accumulate(window, metrics)
+          step += 1
+          ckpt.check_saves()  # a failed asynchronous save (a full disk) stops the run now
+          progress(step)
+          if profile_steps:
+            _profile(profile_steps, step, workdir)
+          if step % log_every == 0 or step == steps_total:
+            train = _log_train(writer, strategy, window, step, ckpt)
+            window = None
+            writer.write_scalars(step, {'images_per_sec': clock.images_per_sec(
+                step, config.batch_size)})
+            state = _update_schedule(strategy, state, optim.after_train_log, config.schedule,
+                                     train['train_top1_error'])
+          turn = Turn(evaluate=step % eval_every == 0 or step == steps_total)
 
-      if turn.evaluate:
-        with clock.paused(state):
-          step_metrics = evaluate(strategy, state, eval_stream.eval_batches(config.data, inp),
-                                  stop=preemption.reached)
-          if step_metrics is not None and step == steps_total and config.data.final_eval_crop:
-            step_metrics = _final_evaluation(config, inp, strategy, state, step_metrics,
-                                             preemption)
-        if step_metrics is None:  # SIGTERM: save now, evaluate this state after the restart
-          logging.warning('SIGTERM during the evaluation at step %d: stopped it to save.', step)
-          if not turn.resumed:  # (a resumed one's checkpoint is saved already)
-            with clock.paused(state):
-              _save(ckpt, strategy, step, state, window, pending_eval=True)
-          preempted = True
+        if turn.evaluate:
+          with clock.paused(state):
+            step_metrics = evaluate(strategy, state, eval_stream.eval_batches(config.data, inp),
+                                    stop=preemption.reached)
+            if step_metrics is not None and step == steps_total and config.data.final_eval_crop:
+              step_metrics = _final_evaluation(config, inp, strategy, state, step_metrics,
+                                               preemption)
+          if step_metrics is None:  # SIGTERM: save now, evaluate this state after the restart
+            logging.warning('SIGTERM during the evaluation at step %d: stopped it to save.', step)
+            if not turn.resumed:  # (a resumed one's checkpoint is saved already)
+              with clock.paused(state):
+                _save(ckpt, strategy, step, state, window, pending_eval=True)
+            preempted = True
+            break
+          if turn.resumed and not math.isfinite(step_metrics['eval_loss']):
+            # The saved state itself is diverged: restarting would evaluate it again.
+            ckpt.move_aside(step, f'diverged: its evaluation (pending when SIGTERM stopped it) '
+                                  f'gave the loss {step_metrics["eval_loss"]}')
+          _check_finite('eval', step_metrics['eval_loss'], step, ckpt)
+          eval_metrics = step_metrics
+          writer.write_scalars(step, eval_metrics)
+          state = _update_schedule(strategy, state, optim.after_eval, config.schedule,
+                                   eval_metrics['eval_top1_error'])
+
+        preempted = preemption.reached()
+        if turn.resumed:
+          # This step's checkpoint exists (it was saved before its evaluation);
+          # its eval metrics are added so that it can be chosen as the best.
+          ckpt.set_metrics(step, eval_metrics)
+        elif step % ckpt_every == 0 or step == steps_total or preempted:
+          with clock.paused(state):
+            _save(ckpt, strategy, step, state, window,
+                  metrics=eval_metrics if turn.evaluate else None)
+        turn = None
+        if preempted:
           break
-        if turn.resumed and not math.isfinite(step_metrics['eval_loss']):
-          # The saved state itself is diverged: restarting would evaluate it again.
-          ckpt.move_aside(step, f'diverged: its evaluation (pending when SIGTERM stopped it) '
-                                f'gave the loss {step_metrics["eval_loss"]}')
-        _check_finite('eval', step_metrics['eval_loss'], step, ckpt)
-        eval_metrics = step_metrics
-        writer.write_scalars(step, eval_metrics)
-        state = _update_schedule(strategy, state, optim.after_eval, config.schedule,
-                                 eval_metrics['eval_top1_error'])
-
-      preempted = preemption.reached()
-      if turn.resumed:
-        # This step's checkpoint exists (it was saved before its evaluation);
-        # its eval metrics are added so that it can be chosen as the best.
-        ckpt.set_metrics(step, eval_metrics)
-      elif step % ckpt_every == 0 or step == steps_total or preempted:
-        with clock.paused(state):
-          _save(ckpt, strategy, step, state, window,
-                metrics=eval_metrics if turn.evaluate else None)
-      turn = None
-      if preempted:
-        break
-    train_batches.close()  # grain's workers stop and free their buffers now
+    finally:
+      train_batches.close()  # grain's workers stop and free their buffers now
     ckpt.wait()
     ckpt.close()
     writer.flush()

@@ -15,6 +15,7 @@ from resnet_jax import backend
 from resnet_jax import checkpointing
 from resnet_jax import config_checks
 from resnet_jax import errors
+from resnet_jax import evaluation
 from resnet_jax import models
 from resnet_jax import optim
 from resnet_jax import run_log
@@ -451,3 +452,29 @@ def test_ten_crop_averages_probabilities_in_log_space():
   np.testing.assert_allclose(float(metrics['loss']), expected_loss, rtol=1e-5)
   averaged = steps.average_crops(jnp.asarray(crops))
   assert int(jnp.argmax(averaged[0])) == 1 and int(jnp.argmax(crops[0].mean(0))) == 0
+
+
+class _Loader:
+  """An eval loader that records its close() (grain's workers stop there)."""
+
+  def __init__(self):
+    self.closed = False
+
+  def __iter__(self):
+    return iter([{'image': np.zeros((2, 8, 8, 3), np.uint8)}] * 3)
+
+  def close(self) -> None:
+    self.closed = True
+
+
+def test_an_evaluation_stopped_early_or_failing_closes_its_loader():
+  loader = _Loader()
+  assert evaluation.evaluate(None, None, loader, stop=lambda: True) is None  # a SIGTERM
+  assert loader.closed
+  loader = _Loader()
+
+  def fails():
+    raise errors.DataError('a corrupt record')
+  with pytest.raises(errors.DataError):
+    evaluation.evaluate(None, None, loader, stop=fails)
+  assert loader.closed

@@ -49,9 +49,13 @@ def host_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
-def check_resources(data_config: Any, local_batch_size: int, bytes_per_example: int) -> None:
-  """Worker counts, threads and buffers that this host's cores or memory cannot hold are
-  config errors (at start, not an out-of-memory kill an hour in)."""
+SHARED_MEMORY = '/dev/shm'  # where POSIX shared memory lives on Linux
+
+
+def check_resources(data_config: Any, batch_bytes: int, eval_batch_bytes: int) -> None:
+  """Worker counts, threads and buffers that this host's cores, memory or shared memory
+  cannot hold are config errors (at start, not an out-of-memory kill an hour in).
+  `batch_bytes`, `eval_batch_bytes`: the size of one of this host's batches."""
   cores = host_cores()
   for field in ('workers', 'threads'):
     value = data_config[field]
@@ -64,31 +68,35 @@ def check_resources(data_config: Any, local_batch_size: int, bytes_per_example: 
       raise errors.ConfigError(f'config.data.{field}={data_config[field]}: give at least 1 batch.')
   workers = resolve(data_config.workers)
   batches = max(workers, 1) * (data_config.worker_buffer + data_config.read_buffer)
-  needed = batches * local_batch_size * bytes_per_example
+  needed = batches * batch_bytes
   available = _available_memory()
   if needed > available // 2:
     raise errors.ConfigError(
         f'config.data: {max(workers, 1)} workers x (worker_buffer {data_config.worker_buffer} + '
-        f'read_buffer {data_config.read_buffer}) batches of {local_batch_size} images take '
+        f'read_buffer {data_config.read_buffer}) batches of {batch_bytes / 2**20:.1f} MiB take '
         f'{needed / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB this host '
         'has available: lower the workers or buffers.')
-  # A worker's batches wait in shared memory: in its queue, in the trainer's read-ahead
-  # (grain keeps worker_buffer of each worker's) and one in hand.
-  blocks = workers * (2 * data_config.worker_buffer + 1)
-  shared, shared_size = blocks * local_batch_size * bytes_per_example, _shared_memory_size()
-  if workers and shared > shared_size:
+  if workers:
+    _check_shared_memory(workers, data_config.worker_buffer, batch_bytes + eval_batch_bytes)
+
+
+def _check_shared_memory(workers: int, worker_buffer: int, pair_bytes: int) -> None:
+  """grain keeps up to 2 x worker_buffer + 2 of a worker's batches in shared memory (its
+  queue and the one it is putting there; the trainer's read-ahead queue and the one it is
+  putting there) and the trainer one more in hand; the evaluation's loader runs while the
+  training's is open, so both count (`pair_bytes`: one batch of each)."""
+  needed = (workers * (2 * worker_buffer + 2) + 1) * pair_bytes
+  size = shared_memory_size()
+  if needed > size:
     raise errors.ConfigError(
-        f'config.data: {workers} workers x (2 x worker_buffer {data_config.worker_buffer} + 1) '
-        f'batches of {local_batch_size} images wait in shared memory, {shared / 2**20:.0f} '
-        f'MiB, more than {SHARED_MEMORY} holds ({shared_size / 2**20:.0f} MiB): lower the '
-        'workers or worker_buffer, or give the host more shared memory (a Docker container: '
-        '--shm-size).')
+        f'config.data: the batches that {workers} workers keep in shared memory ((2 x '
+        f'worker_buffer {worker_buffer} + 2) each and one in hand, for training and for the '
+        f'evaluation beside it) take {needed / 2**20:.1f} MiB, more than {SHARED_MEMORY} holds '
+        f'({size / 2**20:.1f} MiB): lower the workers or worker_buffer, or give the host more '
+        'shared memory (a Docker container: --shm-size).')
 
 
-SHARED_MEMORY = '/dev/shm'  # where POSIX shared memory lives on Linux
-
-
-def _shared_memory_size() -> float:
+def shared_memory_size() -> float:
   """Bytes of POSIX shared memory (a Docker container's default: 64 MiB), or inf where
   there is no /dev/shm to ask."""
   try:
@@ -116,6 +124,11 @@ def resolve(count: int) -> int:
   return host_cores() if count == -1 else count
 
 
+def _bytes(shapes: dict[str, Any]) -> int:
+  """Bytes of one example of uint8 (or bool) arrays of these shapes."""
+  return sum(_bytes(v) if isinstance(v, dict) else math.prod(v) for v in shapes.values())
+
+
 def create_input(data_config: Any, *, batch_size: int, eval_batch_size: int,
                  host_rows: tuple[int, int], process_index: int = 0,
                  process_count: int = 1) -> Input:
@@ -137,6 +150,9 @@ def create_input(data_config: Any, *, batch_size: int, eval_batch_size: int,
   local_eval_batch = eval_batch_size // process_count
   eval_steps = math.ceil(math.ceil(splits.num_eval / process_count) / local_eval_batch)
   size = data_config.image_size
-  check_resources(data_config, host_rows[1] - host_rows[0], size * size * 3)
+  eval_example = max(_bytes(host_preprocess.eval_shapes(data_config, crop))
+                     for crop in (data_config.eval_crop, data_config.final_eval_crop) if crop)
+  check_resources(data_config, (host_rows[1] - host_rows[0]) * size * size * 3,
+                  local_eval_batch * eval_example)
   return Input(builder, splits, builders.num_classes(builder), batch_size, tuple(host_rows),
                steps_per_epoch, eval_steps, local_eval_batch, process_index, process_count)

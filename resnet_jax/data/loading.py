@@ -62,31 +62,43 @@ def to_shared_memory(batch: dict[str, Any]) -> dict[str, Any]:
   one call; elsewhere the batch as it is."""
   if not _in_worker:
     return batch
-  return jax.tree.map(_to_block, batch)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
+  blocks: list[shared_memory.SharedMemory] = []
+  try:
+    out = [_to_block(path, leaf, blocks) for path, leaf in leaves]
+  except BaseException:
+    for block in blocks:  # this batch's, the one that failed too: the names go now, the
+      block.unlink()      # memory with the last mapping (closed when collected)
+    raise
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _to_block(leaf: Any) -> Any:
+def _to_block(path: Any, leaf: Any, blocks: list[shared_memory.SharedMemory]) -> Any:
+  """`leaf` in a new block (appended to `blocks`) if it is an array that grain's copy_to_shm
+  would copy."""
   if (not isinstance(leaf, np.ndarray) or isinstance(leaf, shared_memory_array.SharedMemoryArray)
       or leaf.dtype.hasobject or not leaf.flags.c_contiguous or not leaf.size):
-    return leaf  # as grain's copy_to_shm would leave it
-  block = shared_memory.SharedMemory(create=True, size=leaf.nbytes)
+    return leaf
   try:
+    block = shared_memory.SharedMemory(create=True, size=leaf.nbytes)
+    blocks.append(block)
     fd = getattr(block, '_fd', -1)  # CPython's, on POSIX
     if fd < 0:
       np.copyto(np.ndarray(leaf.shape, leaf.dtype, buffer=block.buf), leaf)
     else:  # after a short write, the next call writes on (or fails: ENOSPC, /dev/shm is full)
-      data, written = memoryview(leaf).cast('B'), 0
+      data, written = memoryview(leaf.reshape(-1).view(np.uint8)), 0
       while written < leaf.nbytes:
         written += os.pwrite(fd, data[written:], written)
-  except BaseException as e:
-    block.close()
-    block.unlink()
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-      raise errors.ConfigError(
-          f'{inputs.SHARED_MEMORY} is full: a grain worker could not hand over a batch of '
-          f'{leaf.nbytes / 2**20:.1f} MiB. Lower config.data.workers or worker_buffer, or give '
-          'the host more shared memory (a Docker container: --shm-size).') from e
-    raise
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise errors.ConfigError(
+        f'{inputs.SHARED_MEMORY} is full: a grain worker could not hand over the '
+        f'{jax.tree_util.keystr(path)} array of a batch ({leaf.nbytes / 2**20:.1f} MiB). Other '
+        f'programs, or the training and evaluation loaders together, fill its '
+        f'{inputs.shared_memory_size() / 2**20:.1f} MiB: lower config.data.workers or '
+        'worker_buffer, or give the host more shared memory (a Docker container: --shm-size).'
+    ) from e
   return shared_memory_array.SharedMemoryArray.from_shared_memory(block, leaf.shape, leaf.dtype)
 
 
