@@ -63,6 +63,7 @@ PURE_SOURCE_ONLY = ('promise',)  # no wheel on PyPI: built here (pure Python: an
 REQUIRED_MODULES = ('jax', 'flax', 'optax', 'orbax.checkpoint', 'PIL', 'cv2',
                     'tensorflow_datasets', 'grain', 'array_record', 'clu.metrics',
                     'ml_collections', 'tensorboardX', 'simplejpeg')
+WORKER_BUFFER = 2  # config.data.worker_buffer of the run (its default, passed explicitly)
 
 
 def bundle(out: str, python: str) -> None:
@@ -155,6 +156,7 @@ def run_command(args: argparse.Namespace, data_dir: str, workdir: str) -> list[s
           f'--config.data.eval_resize={round(size * 256 / 224)}',
           f'--config.data.scale_range=({round(size * 256 / 224)},{round(size * 480 / 224)})',
           '--config.data.final_eval_crop=', f'--config.data.workers={args.workers}',
+          f'--config.data.worker_buffer={WORKER_BUFFER}',
           f'--config.batch_size={args.batch}', f'--config.eval_batch_size={args.batch}',
           f'--config.num_train_steps={args.steps}', f'--config.log_every_steps={args.log_every}',
           '--config.eval_every_steps=1000000000', '--config.checkpoint_every_steps=1000000000']
@@ -189,9 +191,26 @@ def synthetic_rate(args: argparse.Namespace, env: dict) -> tuple[float, str]:
   return float(row.group(1)), device.group(1) if device else '?'
 
 
+def workers_that_fit(args: argparse.Namespace) -> tuple[int, str]:
+  """args.workers (-1: one per core), lowered to what /dev/shm holds (run.py would refuse
+  more at start: a container may have 64 MiB of it), and a note if it was lowered."""
+  from resnet_jax.data import inputs  # pylint: disable=import-outside-toplevel
+  workers = wanted = inputs.resolve(args.workers)
+  pair = 2 * args.batch * args.image * args.image * 3  # a training and an eval batch
+  size = inputs.shared_memory_size()
+  while workers and inputs.shared_memory_needed(workers, WORKER_BUFFER, pair) > size:
+    workers -= 1
+  if workers == wanted:
+    return workers, ''
+  return workers, (f' ({wanted} asked for; {inputs.SHARED_MEMORY} holds {size / 2**30:.2f} '
+                   f'GiB{", so threads" if not workers else ""})')
+
+
 def run(args: argparse.Namespace) -> None:
   env = activate(args.bundle)
   check_modules()
+  sys.path.insert(0, REPO)
+  args.workers, lowered = workers_that_fit(args)
   photos = os.path.join(args.bundle, 'photos.npz') if args.bundle else ''
   data_dir = os.path.join(args.data_dir, f'photos_{args.train_images}_{args.test_images}')
   build_s = build_data(data_dir, args.train_images, args.test_images, photos, env)
@@ -203,8 +222,8 @@ def run(args: argparse.Namespace) -> None:
   synthetic, device = synthetic_rate(args, env)
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   print(f'\n{args.model} ({args.dtype}), batch {args.batch}, {args.image}x{args.image}, on '
-        f'{device}; {cores} CPU cores, grain workers={args.workers}; {args.train_images} JPEGs '
-        f'(written in {build_s:.0f} s; 0: already there)')
+        f'{device}; {cores} CPU cores, grain workers={args.workers}{lowered}; '
+        f'{args.train_images} JPEGs (written in {build_s:.0f} s; 0: already there)')
   print(f'{"run.py from JPEGs":34} {end_to_end:9.1f} img/s  (median of {windows} log windows '
         f'of {args.log_every} steps after the first)')
   print(f'{"gpu_bench.py, synthetic":34} {synthetic:9.1f} img/s')

@@ -3,6 +3,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -256,3 +257,23 @@ def test_gpu_end_to_end_trains_from_a_bundle_on_a_host_without_tensorflow(tmp_pa
   assert jpegs > 0 and synthetic > 0
   assert figures['JPEGs / synthetic'][0] == f'{jpegs / synthetic:.2f}x', out.stdout
   assert 'median of 1 log windows of 2 steps after the first' in out.stdout
+
+
+def test_gpu_end_to_end_runs_as_many_workers_as_shared_memory_holds():
+  """A container's /dev/shm (64 MiB by default) would make run.py refuse one worker per
+  core at start: the script lowers the count, and says so, before any device time."""
+  from unittest import mock  # pylint: disable=import-outside-toplevel
+  from resnet_jax.data import inputs  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      'gpu_end_to_end', os.path.join(helpers.REPO, 'benchmarks', 'gpu_end_to_end.py'))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  args = types.SimpleNamespace(workers=16, batch=256, image=224)
+  pair = 2 * 256 * 224 * 224 * 3  # 77 MB: (16 x 6 + 1) of them take 7.5 GB
+  with mock.patch.object(inputs, 'shared_memory_size', return_value=float('inf')):
+    assert script.workers_that_fit(args) == (16, '')
+  with mock.patch.object(inputs, 'shared_memory_size', return_value=(4 * 6 + 1) * pair):
+    assert script.workers_that_fit(args) == (4, ' (16 asked for; /dev/shm holds 1.79 GiB)')
+  with mock.patch.object(inputs, 'shared_memory_size', return_value=64 * 2**20):
+    assert script.workers_that_fit(args) == (
+        0, ' (16 asked for; /dev/shm holds 0.06 GiB, so threads)')

@@ -85,7 +85,7 @@ def _check_shared_memory(workers: int, worker_buffer: int, pair_bytes: int) -> N
   queue and the one it is putting there; the trainer's read-ahead queue and the one it is
   putting there) and the trainer one more in hand; the evaluation's loader runs while the
   training's is open, so both count (`pair_bytes`: one batch of each)."""
-  needed = (workers * (2 * worker_buffer + 2) + 1) * pair_bytes
+  needed = shared_memory_needed(workers, worker_buffer, pair_bytes)
   size = shared_memory_size()
   if needed > size:
     raise errors.ConfigError(
@@ -94,6 +94,12 @@ def _check_shared_memory(workers: int, worker_buffer: int, pair_bytes: int) -> N
         f'evaluation beside it) take {needed / 2**20:.1f} MiB, more than {SHARED_MEMORY} holds '
         f'({size / 2**20:.1f} MiB): lower the workers or worker_buffer, or give the host more '
         'shared memory (a Docker container: --shm-size).')
+
+
+def shared_memory_needed(workers: int, worker_buffer: int, pair_bytes: int) -> int:
+  """Bytes of shared memory that `workers` grain workers' batches may take at once
+  (`_check_shared_memory`)."""
+  return (workers * (2 * worker_buffer + 2) + 1) * pair_bytes
 
 
 def shared_memory_size() -> float:
