@@ -14,7 +14,7 @@ from unittest import mock
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grain._src.python.ipc import shared_memory_array
+import grain.multiprocessing
 
 from resnet_jax import errors
 from resnet_jax.data import inputs
@@ -22,7 +22,7 @@ from resnet_jax.data import loading
 from resnet_jax.data import train_stream
 from tests.support import helpers
 
-SharedMemoryArray = shared_memory_array.SharedMemoryArray
+SharedMemoryArray = grain.multiprocessing.SharedMemoryArray
 
 
 def _blocks(size: int) -> set[str]:

@@ -18,10 +18,10 @@ from multiprocessing import shared_memory
 from typing import Any
 
 import grain
+import grain.multiprocessing
 import jax
 import numpy as np
 from absl import flags
-from grain._src.python.ipc import shared_memory_array
 
 from resnet_jax import errors
 from resnet_jax.data import inputs
@@ -76,7 +76,7 @@ def to_shared_memory(batch: dict[str, Any]) -> dict[str, Any]:
 def _to_block(path: Any, leaf: Any, blocks: list[shared_memory.SharedMemory]) -> Any:
   """`leaf` in a new block (appended to `blocks`) if it is an array that grain's copy_to_shm
   would copy."""
-  if (not isinstance(leaf, np.ndarray) or isinstance(leaf, shared_memory_array.SharedMemoryArray)
+  if (not isinstance(leaf, np.ndarray) or isinstance(leaf, grain.multiprocessing.SharedMemoryArray)
       or leaf.dtype.hasobject or not leaf.flags.c_contiguous or not leaf.size):
     return leaf
   try:
@@ -95,11 +95,12 @@ def _to_block(path: Any, leaf: Any, blocks: list[shared_memory.SharedMemory]) ->
     raise errors.ConfigError(
         f'{inputs.SHARED_MEMORY} is full: a grain worker could not hand over the '
         f'{jax.tree_util.keystr(path)} array of a batch ({leaf.nbytes / 2**20:.1f} MiB). Other '
-        f'programs, or the training and evaluation loaders together, fill its '
+        'programs, or the training and evaluation loaders together, fill its '
         f'{inputs.shared_memory_size() / 2**20:.1f} MiB: lower config.data.workers or '
         'worker_buffer, or give the host more shared memory (a Docker container: --shm-size).'
     ) from e
-  return shared_memory_array.SharedMemoryArray.from_shared_memory(block, leaf.shape, leaf.dtype)
+  return grain.multiprocessing.SharedMemoryArray.from_shared_memory(block, leaf.shape,
+                                                                    leaf.dtype)
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
