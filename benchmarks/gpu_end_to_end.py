@@ -209,7 +209,6 @@ def workers_that_fit(args: argparse.Namespace) -> tuple[int, str]:
 def run(args: argparse.Namespace) -> None:
   env = activate(args.bundle)
   check_modules()
-  sys.path.insert(0, REPO)
   args.workers, lowered = workers_that_fit(args)
   photos = os.path.join(args.bundle, 'photos.npz') if args.bundle else ''
   data_dir = os.path.join(args.data_dir, f'photos_{args.train_images}_{args.test_images}')
@@ -253,8 +252,8 @@ def main() -> None:
                   help='grain worker processes (config.data.workers; -1: one per core)')
   args = parser.parse_args()
   print(f'$ python {" ".join(sys.argv)}', flush=True)
+  sys.path.insert(0, REPO)  # resnet_jax, for either command
   if args.command == 'bundle':
-    sys.path.insert(0, REPO)
     bundle(args.out, args.python)
   else:
     run(args)

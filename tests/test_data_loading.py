@@ -11,10 +11,10 @@ from multiprocessing import shared_memory
 from typing import Callable
 from unittest import mock
 
+import grain.multiprocessing
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import grain.multiprocessing
 
 from resnet_jax import errors
 from resnet_jax.data import inputs

@@ -61,4 +61,4 @@ def train_iterator(data_config: Any, inp: inputs.Input, *, seed: int, start_step
   """This host's training batches (numpy, uint8 images) from global step `start_step` on;
   close() it to stop grain's workers early."""
   return loading.Batches(train_dataset(data_config, inp, seed=seed, start_step=start_step,
-                                      num_steps=num_steps), data_config)
+                                       num_steps=num_steps), data_config)
