@@ -45,6 +45,19 @@ def assert_same_state(a, b):
     assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
 
 
+def assert_trees_close(actual, expected, rtol):
+  """Each leaf within rtol of the expected leaf's norm (elementwise rtol fails on zeros)."""
+  def check(path, a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    finite = np.isfinite(b)
+    np.testing.assert_array_equal(a[~finite], b[~finite])  # e.g. a best error of inf
+    a, b = a[finite], b[finite]
+    assert np.linalg.norm(a - b) <= rtol * np.linalg.norm(b) + 1e-12, (
+        f'{jax.tree_util.keystr(path)}: |diff| {np.linalg.norm(a - b):.3g}, '
+        f'|expected| {np.linalg.norm(b):.3g}')
+  jax.tree_util.tree_map_with_path(check, actual, expected)
+
+
 SLOW_EVAL = """
 import dataclasses, os, time
 from resnet_jax import parallel

@@ -10,13 +10,13 @@ import sys
 import time
 
 import numpy as np
-import jax
 import pytest
 
 from resnet_jax import cli
 from resnet_jax import errors
 from tests.support import helpers
-from tests.test_checkpoints import SLOW_EVAL, assert_same_state, results, saved_state
+from tests.test_checkpoints import (SLOW_EVAL, assert_same_state, assert_trees_close, results,
+                                    saved_state)
 
 # BN statistics per device (groups of 2), a small learning rate and few steps: the
 # 2-process run is compared with 1 process step by step. Its first step agrees with one
@@ -78,14 +78,6 @@ if os.environ.get('FAIL_RESTORE'):
 """
 
 
-def _assert_close(a, b, rtol):
-  for part in ('params', 'batch_stats', 'opt_state'):
-    flat = lambda tree: np.concatenate([x.ravel() for x in jax.tree.leaves(tree)
-                                        if x.dtype.kind == 'f'])
-    x, y = flat(a[part]), flat(b[part])
-    assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), part
-
-
 def test_two_hosts_train_like_one_restore_in_one_and_stop_together_if_a_restore_fails(
     tmp_path, digits_dir):
   data, every_step = f'--config.data.data_dir={digits_dir}', '--config.checkpoint_every_steps=1'
@@ -99,7 +91,7 @@ def test_two_hosts_train_like_one_restore_in_one_and_stop_together_if_a_restore_
 
   # Same global batches, same initial state, same first step (1 process x 4 devices: conftest).
   helpers.run_py(f'--workdir={single}', data, *ARGS, every_step)
-  _assert_close(saved_state(multi, 1)[1], saved_state(single, 1)[1], rtol=1e-5)
+  assert_trees_close(saved_state(multi, 1)[1], saved_state(single, 1)[1], rtol=1e-5)
   losses = lambda lines: [line['train_loss'] for line in lines if 'train_loss' in line]
   np.testing.assert_allclose(losses(results(multi))[:2], losses(results(single))[:2], rtol=1e-6)
   # The last step and the evaluation after it, from the 2-process state before it.
@@ -108,7 +100,7 @@ def test_two_hosts_train_like_one_restore_in_one_and_stop_together_if_a_restore_
   helpers.run_py(f'--workdir={resumed}', data, *ARGS, every_step)
   step, two = saved_state(multi)
   assert step == 3
-  _assert_close(two, saved_state(resumed, 3)[1], rtol=1e-5)
+  assert_trees_close(two, saved_state(resumed, 3)[1], rtol=1e-5)
   multi_lines, resumed_lines = results(multi), results(resumed)
   np.testing.assert_allclose(losses(multi_lines), losses(resumed_lines), rtol=1e-6)
   evals = lambda lines: [line for line in lines if 'eval_loss' in line]

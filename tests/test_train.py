@@ -23,6 +23,7 @@ from resnet_jax import steps
 from resnet_jax import train
 from tests.conftest import DEVICES
 from tests.support import helpers
+from tests.test_checkpoints import assert_trees_close
 
 SHAPE = (16, 16, 3)
 
@@ -62,19 +63,6 @@ def test_loss_falls_on_a_fixed_batch():
   assert losses[-1] < 0.2 * losses[0], losses
 
 
-def _assert_trees_close(actual, expected, rtol):
-  """Each leaf within rtol of the expected leaf's norm (elementwise rtol fails on zeros)."""
-  def check(path, a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    finite = np.isfinite(b)
-    np.testing.assert_array_equal(a[~finite], b[~finite])  # e.g. a best error of inf
-    a, b = a[finite], b[finite]
-    assert np.linalg.norm(a - b) <= rtol * np.linalg.norm(b) + 1e-12, (
-        f'{jax.tree_util.keystr(path)}: |diff| {np.linalg.norm(a - b):.3g}, '
-        f'|expected| {np.linalg.norm(b):.3g}')
-  jax.tree_util.tree_map_with_path(check, actual, expected)
-
-
 @pytest.mark.end_to_end
 @pytest.mark.parametrize('bn_group_size', [0, 2])
 def test_jit_and_pmap_give_the_same_numbers(bn_group_size):
@@ -101,7 +89,7 @@ def test_jit_and_pmap_give_the_same_numbers(bn_group_size):
     assert jit_metrics.keys() == pmap_metrics.keys()
     for key in jit_metrics:
       np.testing.assert_allclose(pmap_metrics[key], jit_metrics[key], rtol=1e-6, err_msg=key)
-    _assert_trees_close(pmap.to_host(pmap_state), jit.to_host(state), rtol=1e-5)
+    assert_trees_close(pmap.to_host(pmap_state), jit.to_host(state), rtol=1e-5)
   assert int(state.step) == 4
   # The free-running losses agree too: to rounding for two steps, then within the
   # drift that last-bit differences grow into on this net (with oneDNN kernel
