@@ -8,6 +8,13 @@ DCT scale that the paper's scale augmentation needs for a shorter side S
 in one process and one thread, candidates alternating round by round; the
 median round is printed as images per second, with each one's ratio to
 Pillow. Candidates that are not installed are listed as such.
+
+A third case asks for an Inception crop's window (8%-100% of the image,
+drawn as the pipeline draws it): TensorFlow's `decode_and_crop_jpeg`, called
+per image from Python as a grain worker would call it, decodes only the
+window; the others decode the whole image and slice it. It tells whether
+TensorFlow's window decoding pays outside tf.data (where TensorFlow is
+installed: the `prepare` extra).
 """
 from __future__ import annotations
 
@@ -19,39 +26,63 @@ import time
 import numpy as np
 
 
-def _pillow(data: bytes, reduce: int) -> np.ndarray:
+Window = tuple[int, int, int, int]  # top, left, height, width
+
+
+def _crop(image: np.ndarray, window: Window | None) -> np.ndarray:
+  if window is None:
+    return image
+  top, left, height, width = window
+  return image[top:top + height, left:left + width]
+
+
+def _pillow(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   image = Image.open(io.BytesIO(data))
   image.draft('RGB', (image.size[0] // reduce, image.size[1] // reduce))
-  return np.asarray(image.convert('RGB'))
+  return _crop(np.asarray(image.convert('RGB')), window)
 
 
-def _simplejpeg(data: bytes, reduce: int) -> np.ndarray:
+def _simplejpeg(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
   import simplejpeg  # pylint: disable=import-outside-toplevel
   height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-  return simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=height // reduce,
-                                min_width=width // reduce)
+  return _crop(simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=height // reduce,
+                                      min_width=width // reduce), window)
 
 
-def _opencv(data: bytes, reduce: int) -> np.ndarray:
+def _opencv(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
   import cv2  # pylint: disable=import-outside-toplevel
   flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
           8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
-  return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flag), cv2.COLOR_BGR2RGB)
+  return _crop(cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flag),
+                           cv2.COLOR_BGR2RGB), window)
 
 
 _TURBO = []
 
 
-def _turbojpeg(data: bytes, reduce: int) -> np.ndarray:
+def _turbojpeg(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
   import turbojpeg  # pylint: disable=import-outside-toplevel
   if not _TURBO:
     _TURBO.append(turbojpeg.TurboJPEG())
-  return _TURBO[0].decode(data, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=(1, reduce))
+  return _crop(_TURBO[0].decode(data, pixel_format=turbojpeg.TJPF_RGB,
+                                scaling_factor=(1, reduce)), window)
+
+
+def _tensorflow(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
+  """Eager, on one thread; only the window's rows and columns where one is given."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if tf.config.threading.get_intra_op_parallelism_threads() != 1:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+  if window is None:
+    return tf.io.decode_jpeg(data, channels=3, ratio=reduce).numpy()
+  return tf.io.decode_and_crop_jpeg(data, list(window), channels=3).numpy()
 
 
 CANDIDATES = {'pillow (draft)': _pillow, 'simplejpeg': _simplejpeg,
-              'opencv (IMREAD_REDUCED)': _opencv, 'PyTurboJPEG': _turbojpeg}
+              'opencv (IMREAD_REDUCED)': _opencv, 'PyTurboJPEG': _turbojpeg,
+              'tensorflow (eager)': _tensorflow}
 
 
 def main() -> None:
@@ -60,31 +91,38 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--long_side', type=int, default=500)
   args = parser.parse_args()
+  from resnet_jax.data import decoding, image_ops  # pylint: disable=import-outside-toplevel
   from resnet_jax.datasets import sample_imagenet  # pylint: disable=import-outside-toplevel
   photos = [p if p.ndim == 3 else np.repeat(p[..., None], 3, -1)
             for p in sample_imagenet.photos()]
   rng = np.random.default_rng(0)
-  cases = {f'{args.long_side}px, full scale': (
-               [sample_imagenet.random_view(photos[i % len(photos)], rng, args.long_side)
-                for i in range(args.images)], 1),
+  small = [sample_imagenet.random_view(photos[i % len(photos)], rng, args.long_side)
+           for i in range(args.images)]
+  # The Inception crop's windows, drawn as the training pipeline draws them.
+  window_rng = np.random.default_rng(1)
+  windows = [image_ops.sample_inception_window(window_rng, decoding.Encoded(data).shape)
+             for data in small]
+  cases = {f'{args.long_side}px, full scale': ([(data, 1, None) for data in small]),
            '2000px, 1/4 scale': (
-               [sample_imagenet.random_view(photos[i % len(photos)], rng, 2000)
-                for i in range(args.images // 8)], 4)}
+               [(sample_imagenet.random_view(photos[i % len(photos)], rng, 2000), 4, None)
+                for i in range(max(1, args.images // 8))]),
+           f'{args.long_side}px, an Inception window': (
+               [(data, 1, window) for data, window in zip(small, windows)])}
   usable = {}
   for name, fn in CANDIDATES.items():
     try:
-      fn(cases[next(iter(cases))][0][0], 1)
+      fn(small[0], 1)
       usable[name] = fn
     except Exception as e:  # pylint: disable=broad-except  (not installed, no shared library)
       print(f'{name}: not usable here ({type(e).__name__}: {str(e)[:80]})')
-  for case, (images, reduce) in cases.items():
+  for case, images in cases.items():
     times = {name: [] for name in usable}
     for round_ in range(args.repeats):
       order = list(usable) if round_ % 2 == 0 else list(reversed(usable))
       for name in order:
         start = time.perf_counter()
-        for data in images:
-          usable[name](data, reduce)
+        for data, reduce, window in images:
+          usable[name](data, reduce, window)
         times[name].append(time.perf_counter() - start)
     base = len(images) / statistics.median(times['pillow (draft)'])
     print(f'{case} ({len(images)} JPEGs, one thread, median of {args.repeats} alternating '

@@ -277,3 +277,24 @@ def test_gpu_end_to_end_runs_as_many_workers_as_shared_memory_holds():
   with mock.patch.object(inputs, 'shared_memory_size', return_value=64 * 2**20):
     assert script.workers_that_fit(args) == (
         0, ' (16 asked for; /dev/shm holds 0.06 GiB, so threads)')
+
+
+def test_jpeg_decoders_times_each_decoder_on_each_case():
+  """Three cases (full scale, 1/4 DCT scale, an Inception window), each decoder that is
+  installed timed in each; TensorFlow's eager window decode where it is installed."""
+  script = os.path.join(helpers.REPO, 'benchmarks', 'jpeg_decoders.py')
+  out = subprocess.run([sys.executable, script, '--images=8', '--repeats=1', '--long_side=120'],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  cases = [line for line in out.stdout.splitlines() if not line.startswith(' ')
+           and 'JPEGs, one thread' in line]
+  assert [case.split(' (')[0] for case in cases] == [
+      '120px, full scale', '2000px, 1/4 scale', '120px, an Inception window'], out.stdout
+  rows = [line.split() for line in out.stdout.splitlines() if line.startswith('  ')]
+  names = [' '.join(row[:-4]) for row in rows]
+  expected = ['pillow (draft)', 'simplejpeg', 'opencv (IMREAD_REDUCED)']
+  if importlib.util.find_spec('tensorflow') is not None:
+    expected.append('tensorflow (eager)')
+  assert names == expected * 3, out.stdout
+  assert all(float(row[-4]) > 0 and row[-3] == 'img/s' for row in rows), out.stdout
+  assert [row[-2] for row in rows[::len(expected)]] == ['1.00x'] * 3  # Pillow against itself
