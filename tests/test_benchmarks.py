@@ -298,3 +298,35 @@ def test_jpeg_decoders_times_each_decoder_on_each_case():
   assert names == expected * 3, out.stdout
   assert all(float(row[-4]) > 0 and row[-3] == 'img/s' for row in rows), out.stdout
   assert [row[-2] for row in rows[::len(expected)]] == ['1.00x'] * 3  # Pillow against itself
+
+
+@pytest.mark.tensorflow
+def test_tfdata_over_arrayrecord_is_timed_beside_grain(bench_dir):
+  """tf.data fed from the ArrayRecord data set (what keeping tf.data for the Inception crop
+  would take), each case beside grain's per core count, with its ratio to the best grain."""
+  if importlib.util.find_spec('tensorflow') is None:
+    pytest.skip("needs TensorFlow (the 'prepare' extra)")
+  script = os.path.join(helpers.REPO, 'benchmarks', 'tfdata_arrayrecord.py')
+  out = subprocess.run([sys.executable, script, '--quick', '--repeats=1',
+                        f'--data_dir={bench_dir}'], capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line.split() for line in out.stdout.splitlines() if line[:1] in ('1', '2')]
+  assert [(row[0], ' '.join(row[1:-3])) for row in rows] == [
+      ('1', 'grain, 1 thread'), ('1', 'tf.data over ArrayRecord'), ('2', 'grain, 2 threads'),
+      ('2', 'grain, 2 workers'), ('2', 'tf.data over ArrayRecord')], out.stdout
+  assert all(float(row[-3]) > 0 and float(row[-1]) == pytest.approx(float(row[-3]), abs=0.5)
+             for row in rows), out.stdout  # img/s, and the one round's figure
+  for cores in ('1', '2'):
+    mine = [row for row in rows if row[0] == cores]
+    best = max(float(row[-3]) for row in mine if row[1] == 'grain,')
+    for row in mine:
+      assert row[-2] == f'{float(row[-3]) / best:.2f}x', out.stdout
+
+
+def test_tfdata_over_arrayrecord_says_it_needs_tensorflow(tmp_path):
+  (tmp_path / 'sitecustomize.py').write_text(HIDE_TENSORFLOW)
+  script = os.path.join(helpers.REPO, 'benchmarks', 'tfdata_arrayrecord.py')
+  out = subprocess.run([sys.executable, script, '--quick'], capture_output=True, text=True,
+                       check=False, env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+  assert out.returncode == 1 and "needs TensorFlow" in out.stderr, out.stderr[-2000:]
+  assert "pip install -e '.[prepare]'" in out.stderr
