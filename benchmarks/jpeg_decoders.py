@@ -102,12 +102,13 @@ def main() -> None:
   window_rng = np.random.default_rng(1)
   windows = [image_ops.sample_inception_window(window_rng, decoding.Encoded(data).shape)
              for data in small]
-  cases = {f'{args.long_side}px, full scale': ([(data, 1, None) for data in small]),
-           '2000px, 1/4 scale': (
-               [(sample_imagenet.random_view(photos[i % len(photos)], rng, 2000), 4, None)
-                for i in range(max(1, args.images // 8))]),
-           f'{args.long_side}px, an Inception window': (
-               [(data, 1, window) for data, window in zip(small, windows)])}
+  # case -> [(JPEG, DCT reduction, window or None)]
+  cases = {f'{args.long_side}px, full scale': [(data, 1, None) for data in small],
+           '2000px, 1/4 scale': [
+               (sample_imagenet.random_view(photos[i % len(photos)], rng, 2000), 4, None)
+               for i in range(max(1, args.images // 8))],
+           f'{args.long_side}px, an Inception window': [
+               (data, 1, window) for data, window in zip(small, windows)]}
   usable = {}
   for name, fn in CANDIDATES.items():
     try:

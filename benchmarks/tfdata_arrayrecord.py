@@ -21,6 +21,7 @@ order; the median of --repeats rounds is printed. Needs TensorFlow (the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -50,7 +51,7 @@ def tfdata_batches(photos_dir: str, batch: int, image_size: int, cores: int, see
   source = sources.open_source(builders.get_builder(config.data), 'train')
 
   def generate():
-    for epoch in range(10**9):
+    for epoch in itertools.count():
       order = np.random.default_rng((seed, epoch)).permutation(len(source))
       for start in range(0, len(order) - batch + 1, batch):
         images, windows, labels = [], [], []
