@@ -182,6 +182,12 @@ def measure(photos_dir: str, kind: str, variant: str, workers: int, batch: int, 
   else:  # every test image (the last batch padded, masked), over and over
     iterator = iter(loading.loader(eval_stream.eval_dataset(config.data, inp).repeat(),
                                    config.data))
+  return timed(iterator, batch, warmup, batches)
+
+
+def timed(iterator, batch: int, warmup: int, batches: int) -> dict:
+  """Images per second of `iterator` (dicts of 'image' and, for padded batches, 'mask') over
+  `batches` batches after `warmup`, and the dtype and shape of its images."""
   for _ in range(warmup):
     next(iterator)
   images = 0

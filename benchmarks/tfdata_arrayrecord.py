@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import input_pipeline  # noqa: E402  pylint: disable=wrong-import-position
@@ -82,14 +81,8 @@ def measure(photos_dir: str, loader: str, cores: int, batch: int, image_size: in
     workers, threads = (cores, 1) if loader == 'grain_workers' else (0, cores)
     return input_pipeline.measure(photos_dir, 'train', 'inception', workers, batch, image_size,
                                   warmup, batches, threads=threads)
-  iterator = tfdata_batches(photos_dir, batch, image_size, cores)
-  for _ in range(warmup):
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(batches):
-    out = next(iterator)['image']
-  return {'img_per_s': batch * batches / (time.perf_counter() - start),
-          'output': f'{out.dtype} {list(out.shape)}'}
+  return input_pipeline.timed(tfdata_batches(photos_dir, batch, image_size, cores), batch,
+                              warmup, batches)
 
 
 def main() -> None:
