@@ -99,10 +99,7 @@ def main() -> None:
           cmd, cwd = [sys.executable, os.path.abspath(__file__), '--old_tree=-', '--old_python=-',
                       f'--warmup={args.warmup}', f'--batches={args.batches}', '--one', kind,
                       variant, str(workers), str(threads), new_dir], None
-        out = subprocess.run(pin + cmd, cwd=cwd, capture_output=True, text=True, check=False)
-        if out.returncode:
-          raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = pipeline_bench.run_case(pin + cmd, cwd)
         rates.setdefault((kind, variant, setting, label), []).append(result['img_per_s'])
       print(f'round {repeat + 1}, {setting} ({note}) done', flush=True)
   print(f'{"case":16} {"setting":8} {"pipeline":20} {"img/s":>8} {"/ tf.data":>9}  runs')

@@ -200,6 +200,14 @@ def timed(iterator, batch: int, warmup: int, batches: int) -> dict:
   return {'img_per_s': images / seconds, 'output': f'{out.dtype} {list(out.shape)}'}
 
 
+def run_case(cmd: list[str], cwd: str | None = None) -> dict:
+  """The JSON a `--one` run of a benchmark prints last; its stderr if it fails."""
+  out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def tensorflow_importable() -> bool:
   try:
     return importlib.util.find_spec('tensorflow') is not None
@@ -272,10 +280,7 @@ def main() -> None:
                      f'--batch={args.batch}', f'--image_size={args.image_size}',
                      f'--warmup={args.warmup}', f'--batches={args.batches}',
                      '--one', kind, variant, str(workers)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode:
-          raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = run_case(cmd)
         results.setdefault((kind, variant, name), []).append(result['img_per_s'])
         if variant == 'reference':
           reference_rates[kind, tuple(pin)] = result['img_per_s']

@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -123,10 +122,7 @@ def main() -> None:
                    f'--batch={args.batch}', f'--image_size={args.image_size}',
                    f'--warmup={args.warmup}', f'--batches={args.batches}',
                    '--one', loader, str(cores)]
-      out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-      if out.returncode:
-        raise SystemExit(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
-      rates[i].append(json.loads(out.stdout.strip().splitlines()[-1])['img_per_s'])
+      rates[i].append(input_pipeline.run_case(cmd)['img_per_s'])
   print(f'{"cores":5} {"loader":26} {"img/s":>9}  / best grain  rounds')
   for cores in sorted({case[2] for case in CASES}):
     rows = [i for i, case in enumerate(CASES) if case[2] == cores]
