@@ -15,7 +15,9 @@ per image from Python as a grain worker would call it, decodes only the
 window; PyTurboJPEG (where the system has libturbojpeg) crops the JPEG
 losslessly to the window's whole MCUs and decodes that; the others decode the
 whole image and slice it. It tells whether either way of decoding less pays
-(TensorFlow where it is installed: the `prepare` extra).
+(TensorFlow where it is installed: the `prepare` extra). TensorFlow decodes
+with libjpeg's fast integer IDCT by default, as `simplejpeg (fast IDCT)` does;
+the others with the accurate one.
 """
 from __future__ import annotations
 
@@ -44,11 +46,18 @@ def _pillow(data: bytes, reduce: int, window: Window | None = None) -> np.ndarra
   return _crop(np.asarray(image.convert('RGB')), window)
 
 
-def _simplejpeg(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
+def _simplejpeg(data: bytes, reduce: int, window: Window | None = None,
+                fastdct: bool = False) -> np.ndarray:
   import simplejpeg  # pylint: disable=import-outside-toplevel
   height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-  return _crop(simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=height // reduce,
-                                      min_width=width // reduce), window)
+  return _crop(simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=fastdct,
+                                      min_height=height // reduce, min_width=width // reduce),
+               window)
+
+
+def _simplejpeg_fast(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
+  """libjpeg's fast integer IDCT (config.data.jpeg_idct='fast'), TensorFlow's default."""
+  return _simplejpeg(data, reduce, window, fastdct=True)
 
 
 def _opencv(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
@@ -95,6 +104,7 @@ def _tensorflow(data: bytes, reduce: int, window: Window | None = None) -> np.nd
 
 
 CANDIDATES = {'pillow (draft)': _pillow, 'simplejpeg': _simplejpeg,
+              'simplejpeg (fast IDCT)': _simplejpeg_fast,
               'opencv (IMREAD_REDUCED)': _opencv, 'PyTurboJPEG': _turbojpeg,
               'tensorflow (eager)': _tensorflow}
 

@@ -294,10 +294,10 @@ def test_jpeg_decoders_times_each_decoder_on_each_case():
   names = [' '.join(row[:-4]) for row in rows]
   unusable = [line.split(':')[0] for line in out.stdout.splitlines()
               if 'not usable here' in line]
-  candidates = ['pillow (draft)', 'simplejpeg', 'opencv (IMREAD_REDUCED)', 'PyTurboJPEG',
-                'tensorflow (eager)']
+  candidates = ['pillow (draft)', 'simplejpeg', 'simplejpeg (fast IDCT)',
+                'opencv (IMREAD_REDUCED)', 'PyTurboJPEG', 'tensorflow (eager)']
   usable = [name for name in candidates if name not in unusable]
-  assert usable[:3] == candidates[:3] and names == usable * 3, out.stdout
+  assert usable[:4] == candidates[:4] and names == usable * 3, out.stdout
   if importlib.util.find_spec('tensorflow') is not None:
     assert 'tensorflow (eager)' in usable
   assert all(float(row[-4]) > 0 and row[-3] == 'img/s' for row in rows), out.stdout
