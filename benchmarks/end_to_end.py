@@ -37,7 +37,7 @@ QUICK = dict(train_images=64, test_images=16, image_size=32, batch=8, steps=6, l
 def tiny_model(num_classes: int):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from resnet_jax import models  # pylint: disable=import-outside-toplevel
+  from resnet_jax.batch_norm import BatchNorm  # pylint: disable=import-outside-toplevel
 
   class Tiny(nn.Module):
     """One stride-4 3x3 conv with BN, global pooling, a classifier."""
@@ -45,7 +45,7 @@ def tiny_model(num_classes: int):
     @nn.compact
     def __call__(self, x, train=True):
       x = nn.Conv(16, (3, 3), 4, use_bias=False)(x)
-      x = nn.relu(models.BatchNorm(use_running_average=not train)(x))
+      x = nn.relu(BatchNorm(use_running_average=not train)(x))
       return nn.Dense(num_classes)(jnp.mean(x, axis=(1, 2)))
   return Tiny()
 

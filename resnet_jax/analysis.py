@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resnet_jax import models
+from resnet_jax.batch_norm import BatchNorm
 
 # The BN layers that follow a block's convs or the stem (`analyse` keeps those of 3x3 convs).
 RESPONSE_LAYER = re.compile(r'^(stem_bn|stage\d+_block\d+/bn[12])$')
@@ -45,7 +45,7 @@ def _kernel_path(name: str) -> tuple[str, ...]:
 
 
 def _bn_name(module: nn.Module) -> str | None:
-  if isinstance(module, models.BatchNorm):
+  if isinstance(module, BatchNorm):
     name = '/'.join(module.path)
     return name if RESPONSE_LAYER.match(name) else None
   return None
