@@ -40,7 +40,6 @@ class WeightsError(errors.UserError, ValueError):
     self.mismatched = tuple(mismatched)
 
 
-
 # What to do about a truncated or corrupt file (an interrupted download, most often).
 _AGAIN = 'download it again (or save it again where it was made)'
 
