@@ -56,7 +56,8 @@ def _simplejpeg(data: bytes, reduce: int, window: Window | None = None,
 
 
 def _simplejpeg_fast(data: bytes, reduce: int, window: Window | None = None) -> np.ndarray:
-  """libjpeg's fast integer IDCT (config.data.jpeg_idct='fast'), TensorFlow's default."""
+  """libjpeg's fast integer IDCT (simplejpeg's `fastdct`), TensorFlow's default; the
+  pipeline decodes with the accurate one."""
   return _simplejpeg(data, reduce, window, fastdct=True)
 
 
